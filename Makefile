@@ -1,0 +1,36 @@
+# Two entry points: `make repro` runs the whole default pipeline, `make test` runs the tests.
+# Each creates the virtual environment in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= embedded
+
+.PHONY: setup repro test lint format profile clean-venv
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+repro: setup
+	PATH="$(abspath $(BIN)):$$PATH" dvc repro
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 python -m pytest
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+# Switch params.yaml to another profile from profiles/ (then `dvc exp run` or `make repro`).
+profile: setup
+	$(BIN)/python -m lorapipe.profiles $(PROFILE)
+
+clean-venv:
+	rm -rf $(VENV)

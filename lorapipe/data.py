@@ -1,0 +1,151 @@
+"""The data path: raw tweets and instructions to chat records, splits and the mix."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from lorapipe.config import SENTIMENT_LABELS, InstructionsParams, MixParams, PromptParams, SplitParams, TweetsParams
+from lorapipe.errors import PipelineError
+from lorapipe.prompts import instruction_prompt, record, sentiment_prompt
+
+DROPPED_LABELS = ("neutral",)
+
+
+def read_table(path: Path, encoding: str = "utf-8", encoding_field: str = "encoding") -> pd.DataFrame:
+    """Read a CSV, JSON (a list of objects), JSONL or Parquet file by its extension."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, encoding_errors="strict")
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
+        if suffix == ".json":
+            return pd.DataFrame(json.loads(path.read_text(encoding=encoding)))
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path}: bytes that are not valid {encoding} text ({encoding_field}): {err}") from None
+    except (ValueError, pd.errors.ParserError) as err:
+        raise PipelineError(f"{path}: cannot be parsed as {suffix[1:]}: {err}") from None
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    raise PipelineError(f"{path}: unsupported file type {suffix!r} (csv, json, jsonl or parquet)")
+
+
+def _require_columns(frame: pd.DataFrame, path: Path, fields: dict[str, str | None]) -> None:
+    for param, column in fields.items():
+        if column is not None and column not in frame.columns:
+            raise PipelineError(f"{path}: no column {column!r} ({param}); columns are {list(frame.columns)}")
+
+
+def clean_tweets(frame: pd.DataFrame, path: Path, tweets: TweetsParams, split: SplitParams) -> tuple[pd.DataFrame, dict]:
+    """Binary, confident, de-duplicated tweets as columns ``text`` and ``label``.
+
+    Rows whose confidence cell is empty count as below any threshold above zero.
+    """
+    _require_columns(frame, path, {"data.tweets.text_field": tweets.text_field,
+                                   "data.tweets.label_field": tweets.label_field,
+                                   "data.tweets.confidence_field": tweets.confidence_field})
+    labels = frame[tweets.label_field].astype(str).str.strip().str.lower()
+    unknown = sorted(set(labels) - set(SENTIMENT_LABELS) - set(DROPPED_LABELS))
+    if unknown:
+        raise PipelineError(f"{path}: unknown label {unknown[0]!r} in column {tweets.label_field!r} "
+                            f"(data.tweets.label_field); known: {list(SENTIMENT_LABELS + DROPPED_LABELS)}")
+    text = frame[tweets.text_field].astype(str).str.strip()
+    out = pd.DataFrame({"text": text, "label": labels})
+    counts = {"read": len(out)}
+    out = out[~out.label.isin(DROPPED_LABELS) & (out.text != "")]
+    counts["binary"] = len(out)
+    if tweets.confidence_field is not None and split.min_confidence > 0:
+        confidence = pd.to_numeric(frame.loc[out.index, tweets.confidence_field], errors="coerce")
+        out = out[confidence.fillna(0.0) >= split.min_confidence]
+    counts["confident"] = len(out)
+    # A text seen with two labels is ambiguous: drop every copy; otherwise keep one.
+    label_sets = out.groupby("text").label.nunique()
+    out = out[out.text.map(label_sets) == 1].drop_duplicates("text")
+    counts["unique"] = len(out)
+    return out.reset_index(drop=True), counts
+
+
+def split_tweets(frame: pd.DataFrame, path: Path, split: SplitParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded, stratified train/test split of exact sizes with no text in both."""
+    for label in SENTIMENT_LABELS:
+        if not (frame.label == label).any():
+            raise PipelineError(f"{path}: no {label!r} tweets left after filtering (data.split.min_confidence)")
+    if split.balance:
+        smallest = frame.label.value_counts().min()
+        frame = frame.groupby("label", group_keys=False).sample(n=smallest, random_state=split.seed)
+    wanted = split.train_size + split.test_size
+    if wanted > len(frame):
+        raise PipelineError(f"{path}: data.split.train_size + test_size = {wanted} exceeds the {len(frame)} "
+                            f"tweets left after filtering{' and balancing' if split.balance else ''}")
+    train, test = train_test_split(frame, train_size=split.train_size, test_size=split.test_size,
+                                   stratify=frame.label, random_state=split.seed)
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+def sentiment_records(frame: pd.DataFrame, prompt: PromptParams) -> list[dict[str, Any]]:
+    return [record(sentiment_prompt(text, prompt), label, label=label, text=text)
+            for text, label in zip(frame.text, frame.label, strict=True)]
+
+
+def clean_instructions(frame: pd.DataFrame, path: Path, params: InstructionsParams, split: SplitParams) -> pd.DataFrame:
+    """Instruction/input/output rows, non-empty, de-duplicated, no longer than the limit."""
+    _require_columns(frame, path, {"data.instructions.instruction_field": params.instruction_field,
+                                   "data.instructions.output_field": params.output_field})
+    has_input = params.input_field is not None and params.input_field in frame.columns
+    out = pd.DataFrame({
+        "instruction": frame[params.instruction_field].fillna("").astype(str).str.strip(),
+        "input": frame[params.input_field].fillna("").astype(str).str.strip() if has_input else "",
+        "output": frame[params.output_field].fillna("").astype(str).str.strip(),
+    })
+    out = out[(out.instruction != "") & (out.output != "")]
+    total_chars = out.instruction.str.len() + out.input.str.len() + out.output.str.len()
+    out = out[total_chars <= split.max_instruction_chars].drop_duplicates(["instruction", "input"])
+    if out.empty:
+        raise PipelineError(f"{path}: no instruction left after dropping empty and over-long rows "
+                            "(data.split.max_instruction_chars)")
+    return out.reset_index(drop=True)
+
+
+def split_instructions(frame: pd.DataFrame, path: Path, split: SplitParams) -> tuple[pd.DataFrame, pd.DataFrame]:
+    if split.instruction_test_size >= len(frame):
+        raise PipelineError(f"{path}: data.split.instruction_test_size = {split.instruction_test_size} leaves no "
+                            f"training instruction out of {len(frame)}")
+    shuffled = frame.sample(frac=1.0, random_state=split.seed).reset_index(drop=True)
+    return shuffled.iloc[split.instruction_test_size:], shuffled.iloc[:split.instruction_test_size]
+
+
+def instruction_records(frame: pd.DataFrame, prompt: PromptParams) -> list[dict[str, Any]]:
+    return [record(instruction_prompt(row.instruction, row.input, prompt), row.output,
+                   instruction=row.instruction, input=row.input)
+            for row in frame.itertuples(index=False)]
+
+
+def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    return dict(sorted(Counter(r["label"] for r in rows).items()))
+
+
+def mix_records(sentiment: list[dict], instructions: list[dict], mix: MixParams) -> tuple[list[dict], dict]:
+    """``mix.size`` records of which a share ``mix.instruction_share`` are instructions, shuffled."""
+    n_instructions = round(mix.size * mix.instruction_share)
+    n_sentiment = mix.size - n_instructions
+    for name, wanted, have in (("sentiment", n_sentiment, len(sentiment)), ("instruction", n_instructions, len(instructions))):
+        if wanted > have:
+            raise PipelineError(f"mix.size x mix.instruction_share asks for {wanted} {name} records; "
+                                f"the {name} train file holds {have}")
+    rng = random.Random(mix.seed)
+    chosen = ([{**r, "source": "sentiment"} for r in rng.sample(sentiment, n_sentiment)]
+              + [{**r, "source": "instruction"} for r in rng.sample(instructions, n_instructions)])
+    rng.shuffle(chosen)
+    stats = {"size": len(chosen), "sentiment": n_sentiment, "instructions": n_instructions,
+             "instruction_share": n_instructions / len(chosen),
+             "labels": label_counts([r for r in chosen if r["source"] == "sentiment"])}
+    return chosen, stats

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny random Llama with a tiny BPE tokenizer, tiny data and tiny params."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+POSITIVE = ["love this", "great ride", "so happy", "amazing car", "wonderful day", "best thing ever"]
+NEGATIVE = ["hate this", "awful ride", "so sad", "terrible car", "horrible day", "worst thing ever"]
+CORPUS = POSITIVE + NEGATIVE + [
+    "You are a helpful assistant.", "Classify the sentiment of this tweet as positive or negative.", "Tweet:",
+    "positive", "negative", "neutral", "Write a short poem about the sea.", "The sea is wide and blue.",
+    "Name three colours.", "Red, green and blue.", "Summarise the text in one line.",
+]
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def build_tiny_model(out: Path, seed: int = 0) -> Path:
+    """A randomly initialised two-layer Llama saved as safetensors with its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_tweets_csv(path: Path, n_per_label: int = 30, seed: int = 0, encoding: str = "latin-1") -> Path:
+    rng = random.Random(seed)
+    rows = ["sentiment,confidence,text"]
+    for label, words in (("positive", POSITIVE), ("negative", NEGATIVE), ("neutral", ["just a car", "a day"])):
+        for i in range(n_per_label):
+            confidence = "" if i % 10 == 9 else f"{rng.uniform(0.5, 1.0):.4f}"
+            rows.append(f'{label},{confidence},"{rng.choice(words)} #{i} {label[:3]}"')
+    path.write_text("\n".join(rows) + "\n", encoding=encoding)
+    return path
+
+
+def write_instructions_json(path: Path, n: int = 30) -> Path:
+    pairs = [{"instruction": f"Name {i} colours.", "output": "Red, green and blue.", "generator": "x"} for i in range(n)]
+    path.write_text(json.dumps(pairs), encoding="utf-8")
+    return path
+
+
+def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
+    """The embedded params with local tiny sources and sizes small enough for seconds of work."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"] = {"name": "tiny-llama", "source": {"kind": "local", "path": str(model_dir)}}
+    params["data"]["tweets"]["source"] = {"kind": "local", "path": str(tweets)}
+    params["data"]["instructions"]["source"] = {"kind": "local", "path": str(instructions)}
+    params["data"]["split"].update(min_confidence=0.6, train_size=24, test_size=12, instruction_test_size=6)
+    params["mix"].update(size=20, instruction_share=0.25)
+    params["train"].update(batch_size=4, gradient_accumulation_steps=1, max_length=96, save_steps=4,
+                           logging_steps=1, learning_rate=5e-3)
+    params["eval"].update(batch_size=8, generation_batch_size=4, max_new_tokens=8)
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def tiny_sources(tmp_path) -> dict[str, Path]:
+    return {"tweets": write_tweets_csv(tmp_path / "tweets.csv"),
+            "instructions": write_instructions_json(tmp_path / "instructions.json")}

@@ -1,0 +1,129 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import tiny_params, write_instructions_json, write_tweets_csv
+from lorapipe.config import MixParams, parse_params
+from lorapipe.data import clean_tweets, mix_records, read_table, sentiment_records, split_tweets
+from lorapipe.errors import PipelineError
+from lorapipe.instructify import instructify
+from lorapipe.io import read_jsonl, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def params(tmp_path, tiny_sources):
+    return parse_params(tiny_params(tmp_path / "model", tiny_sources["tweets"], tiny_sources["instructions"]))
+
+
+def frame(rows):
+    return pd.DataFrame(rows, columns=["sentiment", "confidence", "text"])
+
+
+def test_clean_tweets_drops_neutral_unconfident_and_duplicates(params):
+    raw = frame([
+        ("positive", "0.9", "good"), ("Negative ", "1.0", "bad"), ("neutral", "1.0", "meh"),
+        ("positive", "0.2", "unsure"), ("negative", "", "no confidence"),
+        ("positive", "0.9", "dup"), ("positive", "1.0", "dup"),
+        ("positive", "0.9", "conflict"), ("negative", "0.9", "conflict"),
+    ])
+    clean, counts = clean_tweets(raw, Path("t.csv"), params.data.tweets, params.data.split)
+    assert sorted(zip(clean.text, clean.label)) == [("bad", "negative"), ("dup", "positive"), ("good", "positive")]
+    assert counts == {"read": 9, "binary": 8, "confident": 6, "unique": 3}
+
+
+def test_unknown_label_and_missing_column_name_file_and_field(params):
+    with pytest.raises(PipelineError, match=r"t\.csv: unknown label 'mixed'.*data\.tweets\.label_field"):
+        clean_tweets(frame([("mixed", "1", "x")]), Path("t.csv"), params.data.tweets, params.data.split)
+    with pytest.raises(PipelineError, match=r"t\.csv: no column 'text' \(data\.tweets\.text_field\)"):
+        clean_tweets(frame([("positive", "1", "x")]).drop(columns="text"), Path("t.csv"),
+                     params.data.tweets, params.data.split)
+
+
+def test_split_is_balanced_disjoint_seeded_and_exact(params):
+    rows = [(label, "1", f"{label} {i}") for label in ("positive", "negative") for i in range(40 if label == "positive" else 80)]
+    clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data.tweets, params.data.split)
+    train, test = split_tweets(clean, Path("t.csv"), params.data.split)
+    again, _ = split_tweets(clean, Path("t.csv"), params.data.split)
+    assert (len(train), len(test)) == (24, 12)
+    assert test.label.value_counts().to_dict() == {"positive": 6, "negative": 6}
+    assert not set(train.text) & set(test.text)
+    assert list(train.text) == list(again.text)
+
+
+def test_split_larger_than_data_and_empty_class(params):
+    clean, _ = clean_tweets(frame([("positive", "1", f"p{i}") for i in range(5)] + [("negative", "1", f"n{i}") for i in range(5)]),
+                            Path("t.csv"), params.data.tweets, params.data.split)
+    with pytest.raises(PipelineError, match=r"t\.csv: data\.split\.train_size \+ test_size = 36 exceeds the 10"):
+        split_tweets(clean, Path("t.csv"), params.data.split)
+    with pytest.raises(PipelineError, match=r"no 'negative' tweets left"):
+        split_tweets(clean[clean.label == "positive"], Path("t.csv"), params.data.split)
+
+
+def test_records_are_trl_conversations(params):
+    records = sentiment_records(pd.DataFrame({"text": ["nice"], "label": ["positive"]}), params.prompt)
+    assert records[0]["prompt"][0] == {"role": "system", "content": params.prompt.system}
+    assert records[0]["prompt"][1]["content"].endswith("Tweet: nice")
+    assert records[0]["completion"] == [{"role": "assistant", "content": "positive"}]
+
+
+def test_read_table_rejects_bytes_outside_the_encoding(tmp_path):
+    path = tmp_path / "tweets.csv"
+    path.write_bytes("sentiment,confidence,text\npositive,1,caf\xc3\xa9 \xff\xfe\n".encode("latin-1", "ignore") + b"\xff\xfe\xfa")
+    with pytest.raises(PipelineError, match=r"tweets\.csv: bytes that are not valid utf-8 text \(data\.tweets\.encoding\)"):
+        read_table(path, "utf-8", "data.tweets.encoding")
+    assert len(read_table(path, "latin-1")) >= 1
+
+
+def test_mix_share_and_sizes():
+    sentiment = [{"prompt": [], "completion": [], "label": "positive" if i % 2 else "negative"} for i in range(50)]
+    instructions = [{"prompt": [], "completion": []} for _ in range(20)]
+    rows, stats = mix_records(sentiment, instructions, MixParams(instruction_share=0.25, size=40, seed=1))
+    assert stats["sentiment"] == 30 and stats["instructions"] == 10 and len(rows) == 40
+    assert sum(r["source"] == "instruction" for r in rows) == 10
+    same, _ = mix_records(sentiment, instructions, MixParams(instruction_share=0.25, size=40, seed=1))
+    assert rows == same
+    with pytest.raises(PipelineError, match="asks for 30 instruction records; the instruction train file holds 20"):
+        mix_records(sentiment, instructions, MixParams(instruction_share=0.75, size=40, seed=1))
+
+
+def _raw_dir(tmp_path: Path) -> Path:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_tweets_csv(raw / "tweets.csv")
+    write_instructions_json(raw / "instructions.json")
+    write_json(raw / "manifest.json", {"tweets": {"path": "tweets.csv"}, "instructions": {"path": "instructions.json"}})
+    return raw
+
+
+def test_instructify_writes_splits_stats_and_out_of_sample(tmp_path, params):
+    out = tmp_path / "prepared"
+    stats = instructify(params, _raw_dir(tmp_path), out, ROOT / "data" / "out_of_sample.yaml")
+    assert stats["sentiment_train"] == {"negative": 12, "positive": 12}
+    assert stats["instructions_test"] == 6 and stats["instructions_train"] == 24
+    test = read_jsonl(out / "sentiment_test.jsonl")
+    train = read_jsonl(out / "sentiment_train.jsonl")
+    assert not {r["text"] for r in test} & {r["text"] for r in train}
+    assert len(read_jsonl(out / "out_of_sample.jsonl")) == 10
+    assert json.loads((out / "stats.json").read_text()) == stats
+
+
+def test_instructify_failure_leaves_previous_outputs(tmp_path, params):
+    out = tmp_path / "prepared"
+    raw = _raw_dir(tmp_path)
+    instructify(params, raw, out, ROOT / "data" / "out_of_sample.yaml")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (raw / "tweets.csv").write_text("sentiment,confidence\npositive,1\n", encoding="latin-1")
+    with pytest.raises(PipelineError, match=r"tweets\.csv: no column 'text'"):
+        instructify(params, raw, out, ROOT / "data" / "out_of_sample.yaml")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_out_of_sample_file_is_ten_varied_instructions():
+    items = yaml.safe_load((ROOT / "data" / "out_of_sample.yaml").read_text())
+    assert len(items) == 10 and len({i["id"] for i in items}) == 10
