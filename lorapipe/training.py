@@ -74,7 +74,7 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
         use_cpu=hardware.device == "cpu",
         bf16=hardware.precision == "bf16",
         fp16=hardware.precision == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
         max_length=train.max_length,
         completion_only_loss=True,
         logging_steps=train.logging_steps,

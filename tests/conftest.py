@@ -32,7 +32,7 @@ def build_tiny_tokenizer():
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(CORPUS * 20, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<|im_start|>",
@@ -51,7 +51,8 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+                         initializer_range=0.2)  # wide enough that a frozen tied head can express a preference
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -82,7 +83,7 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     params["data"]["instructions"]["source"] = {"kind": "local", "path": str(instructions)}
     params["data"]["split"].update(min_confidence=0.6, train_size=24, test_size=12, instruction_test_size=6)
     params["mix"].update(size=20, instruction_share=0.25)
-    params["train"].update(batch_size=4, gradient_accumulation_steps=1, max_length=96, save_steps=4,
+    params["train"].update(batch_size=4, gradient_accumulation_steps=1, max_length=256, save_steps=4,
                            logging_steps=1, learning_rate=5e-3)
     params["eval"].update(batch_size=8, generation_batch_size=4, max_new_tokens=8)
     return params
