@@ -59,6 +59,8 @@ Source = Annotated[RegistrySource | HubSource | LocalSource, Field(discriminator
 class ModelParams(Section):
     name: str = Field(min_length=1)
     source: Source
+    # A Jinja chat template for base models that ship none (Mistral-7B-v0.1); null keeps the model's own.
+    chat_template: str | None = None
 
 
 class TweetsParams(Section):

@@ -59,6 +59,8 @@ def fetch_model(model: ModelParams, out: Path) -> dict:
                 entry = fetch_local(source, raw / Path(source.path).name, "model.source")
                 raw = raw / Path(source.path).name
             entry |= materialize_base_model(raw, staging)
+        if model.chat_template is not None:
+            (staging / "chat_template.jinja").write_text(model.chat_template, encoding="utf-8")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(staging.iterdir()) if p.is_file()}
         manifest = {"name": model.name, "source": entry, "files": files}

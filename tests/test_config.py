@@ -62,3 +62,18 @@ def test_missing_section_and_missing_file(tmp_path):
         parse_params(raw)
     with pytest.raises(ParamsError, match="no such params file"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_the_embedded_profile_is_the_default_params():
+    assert (ROOT / "profiles" / "embedded.yaml").read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_use_profile_validates_and_copies(tmp_path):
+    from lorapipe.errors import PipelineError
+    from lorapipe.profiles import use_profile
+
+    target = tmp_path / "params.yaml"
+    use_profile("study-a-mistral-7b", ROOT / "profiles", target)
+    assert load_params(target).model.source.kind == "hub"
+    with pytest.raises(PipelineError, match="no such profile"):
+        use_profile("nope", ROOT / "profiles", target)
