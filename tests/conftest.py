@@ -78,7 +78,7 @@ def write_instructions_json(path: Path, n: int = 30) -> Path:
 def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     """The embedded params with local tiny sources and sizes small enough for seconds of work."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"] = {"name": "tiny-llama", "source": {"kind": "local", "path": str(model_dir)}}
+    params["model"].update(name="tiny-llama", source={"kind": "local", "path": str(model_dir)})
     params["data"]["tweets"]["source"] = {"kind": "local", "path": str(tweets)}
     params["data"]["instructions"]["source"] = {"kind": "local", "path": str(instructions)}
     params["data"]["split"].update(min_confidence=0.6, train_size=24, test_size=12, instruction_test_size=6)
