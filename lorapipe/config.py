@@ -159,6 +159,7 @@ class TrainParams(Section):
     cpu_precision: Literal["bf16", "fp32"] = "bf16"
     quantization: Literal["auto", "4bit", "none"] = "auto"
     gradient_checkpointing: bool = False
+    group_by_length: bool = True
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)

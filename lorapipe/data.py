@@ -45,19 +45,29 @@ def _require_columns(frame: pd.DataFrame, path: Path, fields: dict[str, str | No
             raise PipelineError(f"{path}: no column {column!r} ({param}); columns are {list(frame.columns)}")
 
 
-def clean_tweets(frame: pd.DataFrame, path: Path, tweets: TweetsParams, split: SplitParams) -> tuple[pd.DataFrame, dict]:
+def clean_tweets(
+    frame: pd.DataFrame, path: Path, tweets: TweetsParams, split: SplitParams
+) -> tuple[pd.DataFrame, dict]:
     """Binary, confident, de-duplicated tweets as columns ``text`` and ``label``.
 
     Rows whose confidence cell is empty count as below any threshold above zero.
     """
-    _require_columns(frame, path, {"data.tweets.text_field": tweets.text_field,
-                                   "data.tweets.label_field": tweets.label_field,
-                                   "data.tweets.confidence_field": tweets.confidence_field})
+    _require_columns(
+        frame,
+        path,
+        {
+            "data.tweets.text_field": tweets.text_field,
+            "data.tweets.label_field": tweets.label_field,
+            "data.tweets.confidence_field": tweets.confidence_field,
+        },
+    )
     labels = frame[tweets.label_field].astype(str).str.strip().str.lower()
     unknown = sorted(set(labels) - set(SENTIMENT_LABELS) - set(DROPPED_LABELS))
     if unknown:
-        raise PipelineError(f"{path}: unknown label {unknown[0]!r} in column {tweets.label_field!r} "
-                            f"(data.tweets.label_field); known: {list(SENTIMENT_LABELS + DROPPED_LABELS)}")
+        raise PipelineError(
+            f"{path}: unknown label {unknown[0]!r} in column {tweets.label_field!r} "
+            f"(data.tweets.label_field); known: {list(SENTIMENT_LABELS + DROPPED_LABELS)}"
+        )
     text = frame[tweets.text_field].astype(str).str.strip()
     out = pd.DataFrame({"text": text, "label": labels})
     counts = {"read": len(out)}
@@ -84,49 +94,71 @@ def split_tweets(frame: pd.DataFrame, path: Path, split: SplitParams) -> tuple[p
         frame = frame.groupby("label", group_keys=False).sample(n=smallest, random_state=split.seed)
     wanted = split.train_size + split.test_size
     if wanted > len(frame):
-        raise PipelineError(f"{path}: data.split.train_size + test_size = {wanted} exceeds the {len(frame)} "
-                            f"tweets left after filtering{' and balancing' if split.balance else ''}")
-    train, test = train_test_split(frame, train_size=split.train_size, test_size=split.test_size,
-                                   stratify=frame.label, random_state=split.seed)
+        raise PipelineError(
+            f"{path}: data.split.train_size + test_size = {wanted} exceeds the {len(frame)} "
+            f"tweets left after filtering{' and balancing' if split.balance else ''}"
+        )
+    train, test = train_test_split(
+        frame, train_size=split.train_size, test_size=split.test_size, stratify=frame.label, random_state=split.seed
+    )
     return train.reset_index(drop=True), test.reset_index(drop=True)
 
 
 def sentiment_records(frame: pd.DataFrame, prompt: PromptParams) -> list[dict[str, Any]]:
-    return [record(sentiment_prompt(text, prompt), label, label=label, text=text)
-            for text, label in zip(frame.text, frame.label, strict=True)]
+    return [
+        record(sentiment_prompt(text, prompt), label, label=label, text=text)
+        for text, label in zip(frame.text, frame.label, strict=True)
+    ]
 
 
 def clean_instructions(frame: pd.DataFrame, path: Path, params: InstructionsParams, split: SplitParams) -> pd.DataFrame:
     """Instruction/input/output rows, non-empty, de-duplicated, no longer than the limit."""
-    _require_columns(frame, path, {"data.instructions.instruction_field": params.instruction_field,
-                                   "data.instructions.output_field": params.output_field})
+    _require_columns(
+        frame,
+        path,
+        {
+            "data.instructions.instruction_field": params.instruction_field,
+            "data.instructions.output_field": params.output_field,
+        },
+    )
     has_input = params.input_field is not None and params.input_field in frame.columns
-    out = pd.DataFrame({
-        "instruction": frame[params.instruction_field].fillna("").astype(str).str.strip(),
-        "input": frame[params.input_field].fillna("").astype(str).str.strip() if has_input else "",
-        "output": frame[params.output_field].fillna("").astype(str).str.strip(),
-    })
+    out = pd.DataFrame(
+        {
+            "instruction": frame[params.instruction_field].fillna("").astype(str).str.strip(),
+            "input": frame[params.input_field].fillna("").astype(str).str.strip() if has_input else "",
+            "output": frame[params.output_field].fillna("").astype(str).str.strip(),
+        }
+    )
     out = out[(out.instruction != "") & (out.output != "")]
     total_chars = out.instruction.str.len() + out.input.str.len() + out.output.str.len()
     out = out[total_chars <= split.max_instruction_chars].drop_duplicates(["instruction", "input"])
     if out.empty:
-        raise PipelineError(f"{path}: no instruction left after dropping empty and over-long rows "
-                            "(data.split.max_instruction_chars)")
+        raise PipelineError(
+            f"{path}: no instruction left after dropping empty and over-long rows (data.split.max_instruction_chars)"
+        )
     return out.reset_index(drop=True)
 
 
 def split_instructions(frame: pd.DataFrame, path: Path, split: SplitParams) -> tuple[pd.DataFrame, pd.DataFrame]:
     if split.instruction_test_size >= len(frame):
-        raise PipelineError(f"{path}: data.split.instruction_test_size = {split.instruction_test_size} leaves no "
-                            f"training instruction out of {len(frame)}")
+        raise PipelineError(
+            f"{path}: data.split.instruction_test_size = {split.instruction_test_size} leaves no "
+            f"training instruction out of {len(frame)}"
+        )
     shuffled = frame.sample(frac=1.0, random_state=split.seed).reset_index(drop=True)
-    return shuffled.iloc[split.instruction_test_size:], shuffled.iloc[:split.instruction_test_size]
+    return shuffled.iloc[split.instruction_test_size :], shuffled.iloc[: split.instruction_test_size]
 
 
 def instruction_records(frame: pd.DataFrame, prompt: PromptParams) -> list[dict[str, Any]]:
-    return [record(instruction_prompt(row.instruction, row.input, prompt), row.output,
-                   instruction=row.instruction, input=row.input)
-            for row in frame.itertuples(index=False)]
+    return [
+        record(
+            instruction_prompt(row.instruction, row.input, prompt),
+            row.output,
+            instruction=row.instruction,
+            input=row.input,
+        )
+        for row in frame.itertuples(index=False)
+    ]
 
 
 def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -137,15 +169,24 @@ def mix_records(sentiment: list[dict], instructions: list[dict], mix: MixParams)
     """``mix.size`` records of which a share ``mix.instruction_share`` are instructions, shuffled."""
     n_instructions = round(mix.size * mix.instruction_share)
     n_sentiment = mix.size - n_instructions
-    for name, wanted, have in (("sentiment", n_sentiment, len(sentiment)), ("instruction", n_instructions, len(instructions))):
+    for name, wanted, have in (
+        ("sentiment", n_sentiment, len(sentiment)),
+        ("instruction", n_instructions, len(instructions)),
+    ):
         if wanted > have:
-            raise PipelineError(f"mix.size x mix.instruction_share asks for {wanted} {name} records; "
-                                f"the {name} train file holds {have}")
+            raise PipelineError(
+                f"mix.size x mix.instruction_share asks for {wanted} {name} records; the {name} train file holds {have}"
+            )
     rng = random.Random(mix.seed)
-    chosen = ([{**r, "source": "sentiment"} for r in rng.sample(sentiment, n_sentiment)]
-              + [{**r, "source": "instruction"} for r in rng.sample(instructions, n_instructions)])
+    chosen = [{**r, "source": "sentiment"} for r in rng.sample(sentiment, n_sentiment)] + [
+        {**r, "source": "instruction"} for r in rng.sample(instructions, n_instructions)
+    ]
     rng.shuffle(chosen)
-    stats = {"size": len(chosen), "sentiment": n_sentiment, "instructions": n_instructions,
-             "instruction_share": n_instructions / len(chosen),
-             "labels": label_counts([r for r in chosen if r["source"] == "sentiment"])}
+    stats = {
+        "size": len(chosen),
+        "sentiment": n_sentiment,
+        "instructions": n_instructions,
+        "instruction_share": n_instructions / len(chosen),
+        "labels": label_counts([r for r in chosen if r["source"] == "sentiment"]),
+    }
     return chosen, stats

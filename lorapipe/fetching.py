@@ -27,8 +27,10 @@ def fetch_data(data: DataParams, out: Path) -> dict:
     """Write ``out/tweets.*``, ``out/instructions.*`` and ``out/manifest.json``."""
     manifest = {}
     with atomic_dir(out) as staging:
-        for name, params, encoding in (("tweets", data.tweets, data.tweets.encoding),
-                                       ("instructions", data.instructions, "utf-8")):
+        for name, params, encoding in (
+            ("tweets", data.tweets, data.tweets.encoding),
+            ("instructions", data.instructions, "utf-8"),
+        ):
             field = f"data.{name}.source"
             target = staging / _data_file_name(name, params.source)
             if isinstance(params.source, RegistrySource):
@@ -61,8 +63,11 @@ def fetch_model(model: ModelParams, out: Path) -> dict:
             entry |= materialize_base_model(raw, staging)
         if model.chat_template is not None:
             (staging / "chat_template.jinja").write_text(model.chat_template, encoding="utf-8")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(staging.iterdir()) if p.is_file()}
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(staging.iterdir())
+            if p.is_file()
+        }
         manifest = {"name": model.name, "source": entry, "files": files}
         write_json(staging / "manifest.json", manifest)
     log.info("base model %s -> %s (%d files)", model.name, out, len(files))

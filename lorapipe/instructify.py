@@ -8,8 +8,16 @@ from pathlib import Path
 import yaml
 
 from lorapipe.config import Params, PromptParams
-from lorapipe.data import (clean_instructions, clean_tweets, instruction_records, label_counts, read_table,
-                           sentiment_records, split_instructions, split_tweets)
+from lorapipe.data import (
+    clean_instructions,
+    clean_tweets,
+    instruction_records,
+    label_counts,
+    read_table,
+    sentiment_records,
+    split_instructions,
+    split_tweets,
+)
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, read_json, write_json, write_jsonl
 from lorapipe.prompts import instruction_prompt
@@ -37,32 +45,46 @@ def out_of_sample_records(path: Path, prompt: PromptParams) -> list[dict]:
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict) or not str(item.get("instruction", "")).strip():
             raise PipelineError(f"{path}: item {number} has no field 'instruction'")
-        records.append({"id": str(item.get("id", number)), "instruction": item["instruction"],
-                        "input": item.get("input", ""),
-                        "prompt": instruction_prompt(item["instruction"], item.get("input", ""), prompt)})
+        records.append(
+            {
+                "id": str(item.get("id", number)),
+                "instruction": item["instruction"],
+                "input": item.get("input", ""),
+                "prompt": instruction_prompt(item["instruction"], item.get("input", ""), prompt),
+            }
+        )
     return records
 
 
 def instructify(params: Params, raw_dir: Path, out: Path, out_of_sample: Path) -> dict:
     tweets_path = raw_file(raw_dir, "tweets")
-    tweets, counts = clean_tweets(read_table(tweets_path, params.data.tweets.encoding, "data.tweets.encoding"),
-                                  tweets_path, params.data.tweets, params.data.split)
+    tweets, counts = clean_tweets(
+        read_table(tweets_path, params.data.tweets.encoding, "data.tweets.encoding"),
+        tweets_path,
+        params.data.tweets,
+        params.data.split,
+    )
     train, test = split_tweets(tweets, tweets_path, params.data.split)
     instructions_path = raw_file(raw_dir, "instructions")
-    instructions = clean_instructions(read_table(instructions_path), instructions_path,
-                                      params.data.instructions, params.data.split)
+    instructions = clean_instructions(
+        read_table(instructions_path), instructions_path, params.data.instructions, params.data.split
+    )
     instr_train, instr_test = split_instructions(instructions, instructions_path, params.data.split)
 
-    splits = {"sentiment_train": sentiment_records(train, params.prompt),
-              "sentiment_test": sentiment_records(test, params.prompt),
-              "instructions_train": instruction_records(instr_train, params.prompt),
-              "instructions_test": instruction_records(instr_test, params.prompt),
-              "out_of_sample": out_of_sample_records(out_of_sample, params.prompt)}
-    stats = {"tweets_filtering": counts,
-             "sentiment_train": label_counts(splits["sentiment_train"]),
-             "sentiment_test": label_counts(splits["sentiment_test"]),
-             "instructions_train": len(splits["instructions_train"]),
-             "instructions_test": len(splits["instructions_test"])}
+    splits = {
+        "sentiment_train": sentiment_records(train, params.prompt),
+        "sentiment_test": sentiment_records(test, params.prompt),
+        "instructions_train": instruction_records(instr_train, params.prompt),
+        "instructions_test": instruction_records(instr_test, params.prompt),
+        "out_of_sample": out_of_sample_records(out_of_sample, params.prompt),
+    }
+    stats = {
+        "tweets_filtering": counts,
+        "sentiment_train": label_counts(splits["sentiment_train"]),
+        "sentiment_test": label_counts(splits["sentiment_test"]),
+        "instructions_train": len(splits["instructions_train"]),
+        "instructions_test": len(splits["instructions_test"]),
+    }
     with atomic_dir(out) as staging:
         for name, rows in splits.items():
             write_jsonl(staging / f"{name}.jsonl", rows)

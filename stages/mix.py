@@ -29,7 +29,9 @@ def main() -> None:
         with atomic_dir(args.out) as staging:
             write_jsonl(staging / "train.jsonl", rows)
             write_json(staging / "stats.json", stats)
-        log.info("mixed %d sentiment + %d instruction records -> %s", stats["sentiment"], stats["instructions"], args.out)
+        log.info(
+            "mixed %d sentiment + %d instruction records -> %s", stats["sentiment"], stats["instructions"], args.out
+        )
 
     run_stage("mix", body)
 

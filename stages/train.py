@@ -20,9 +20,15 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--base", type=Path, default=Path("models/base"))
     args = parser.parse_args()
-    job = TrainJob(name=args.name, base_model=args.base, train_file=args.train_file,
-                   adapter_out=Path("models/adapters") / args.name, checkpoints=Path("models/checkpoints") / args.name,
-                   live_dir=Path("dvclive") / args.name, summary_out=Path("metrics") / f"train_{args.name}.json")
+    job = TrainJob(
+        name=args.name,
+        base_model=args.base,
+        train_file=args.train_file,
+        adapter_out=Path("models/adapters") / args.name,
+        checkpoints=Path("models/checkpoints") / args.name,
+        live_dir=Path("dvclive") / args.name,
+        summary_out=Path("metrics") / f"train_{args.name}.json",
+    )
 
     def body() -> None:
         params = load_params(args.params)

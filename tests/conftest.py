@@ -18,11 +18,23 @@ CHATML = (
 
 POSITIVE = ["love this", "great ride", "so happy", "amazing car", "wonderful day", "best thing ever"]
 NEGATIVE = ["hate this", "awful ride", "so sad", "terrible car", "horrible day", "worst thing ever"]
-CORPUS = POSITIVE + NEGATIVE + [
-    "You are a helpful assistant.", "Classify the sentiment of this tweet as positive or negative.", "Tweet:",
-    "positive", "negative", "neutral", "Write a short poem about the sea.", "The sea is wide and blue.",
-    "Name three colours.", "Red, green and blue.", "Summarise the text in one line.",
-]
+CORPUS = (
+    POSITIVE
+    + NEGATIVE
+    + [
+        "You are a helpful assistant.",
+        "Classify the sentiment of this tweet as positive or negative.",
+        "Tweet:",
+        "positive",
+        "negative",
+        "neutral",
+        "Write a short poem about the sea.",
+        "The sea is wide and blue.",
+        "Name three colours.",
+        "Red, green and blue.",
+        "Summarise the text in one line.",
+    ]
+)
 
 
 def build_tiny_tokenizer():
@@ -32,11 +44,19 @@ def build_tiny_tokenizer():
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(CORPUS * 20, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|im_end|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
     tokenizer.chat_template = CHATML
     return tokenizer
 
@@ -48,11 +68,20 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-                         initializer_range=0.2)  # wide enough that a frozen tied head can express a preference
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )  # wide enough that a frozen tied head can express a preference
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -70,7 +99,9 @@ def write_tweets_csv(path: Path, n_per_label: int = 30, seed: int = 0, encoding:
 
 
 def write_instructions_json(path: Path, n: int = 30) -> Path:
-    pairs = [{"instruction": f"Name {i} colours.", "output": "Red, green and blue.", "generator": "x"} for i in range(n)]
+    pairs = [
+        {"instruction": f"Name {i} colours.", "output": "Red, green and blue.", "generator": "x"} for i in range(n)
+    ]
     path.write_text(json.dumps(pairs), encoding="utf-8")
     return path
 
@@ -83,8 +114,9 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     params["data"]["instructions"]["source"] = {"kind": "local", "path": str(instructions)}
     params["data"]["split"].update(min_confidence=0.6, train_size=24, test_size=12, instruction_test_size=6)
     params["mix"].update(size=20, instruction_share=0.25)
-    params["train"].update(batch_size=4, gradient_accumulation_steps=1, max_length=256, save_steps=4,
-                           logging_steps=1, learning_rate=5e-3)
+    params["train"].update(
+        batch_size=4, gradient_accumulation_steps=1, max_length=256, save_steps=4, logging_steps=1, learning_rate=5e-3
+    )
     params["eval"].update(batch_size=8, generation_batch_size=4, max_new_tokens=8)
     return params
 
@@ -96,5 +128,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def tiny_sources(tmp_path) -> dict[str, Path]:
-    return {"tweets": write_tweets_csv(tmp_path / "tweets.csv"),
-            "instructions": write_instructions_json(tmp_path / "instructions.json")}
+    return {
+        "tweets": write_tweets_csv(tmp_path / "tweets.csv"),
+        "instructions": write_instructions_json(tmp_path / "instructions.json"),
+    }

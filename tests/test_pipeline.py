@@ -19,9 +19,15 @@ pytestmark = pytest.mark.slow
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "HF_HUB_OFFLINE": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@localhost",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@localhost",
+    }
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done.stdout + done.stderr
@@ -55,7 +61,96 @@ def test_dvc_repro_mix_builds_the_data_stages(repo):
     output = run(["dvc", "repro", "mix"], repo)
     assert stages_run(output) == {"fetch", "instructify", "mix"}
     stats = json.loads((repo / "data" / "mixed" / "stats.json").read_text())
-    assert stats == {"size": 20, "sentiment": 15, "instructions": 5, "instruction_share": 0.25,
-                     "labels": stats["labels"]}
+    assert stats == {
+        "size": 20,
+        "sentiment": 15,
+        "instructions": 5,
+        "instruction_share": 0.25,
+        "labels": stats["labels"],
+    }
     ignored = run(["git", "status", "--porcelain", "--ignored"], repo)
     assert "data/raw" in ignored and "models/base" in ignored
+
+
+def test_full_repro_then_nothing_to_do(repo):
+    output = run(["dvc", "repro"], repo)
+    assert stages_run(output) == {"train_sentiment", "train_mixed", "eval_base", "eval_all", "report"}
+    for name in ("base", "baseline", "sentiment", "mixed"):
+        assert (repo / "metrics" / f"{name}.json").exists()
+    assert (repo / "report" / "report.md").read_text().count("| Model |") >= 1
+    assert stages_run(run(["dvc", "repro"], repo)) == set()
+    shown = run(["dvc", "metrics", "show", "--json"], repo)
+    assert all(f"metrics/{name}.json" in shown for name in ("base", "sentiment", "mixed"))
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "tiny results"], repo)
+
+
+def test_exp_run_lora_rank_reruns_only_what_reads_lora(repo):
+    output = run(["dvc", "exp", "run", "-S", "lora.r=4", "--name", "rank4"], repo)
+    assert stages_run(output) == {"train_sentiment", "train_mixed", "eval_all", "report"}
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json", "HEAD"], repo))
+    assert "metrics/base.json" not in diff and "metrics/baseline.json" not in diff
+    assert diff["metrics/train_sentiment.json"]["trainable_parameters"]["diff"] < 0
+
+
+def restore_head(repo: Path) -> None:
+    run(["git", "reset", "-q", "--hard"], repo)
+    run(["dvc", "checkout", "--force"], repo)
+
+
+def test_push_and_pull_through_a_local_remote(repo, tmp_path):
+    restore_head(repo)
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "storage")], repo)
+    run(["git", "commit", "-qam", "local remote"], repo)
+    run(["dvc", "push"], repo)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "pull", "train_sentiment"], clone)
+    assert (clone / "models" / "adapters" / "sentiment" / "adapter_model.safetensors").exists()
+    assert not (clone / "models" / "adapters" / "mixed").exists() and not (clone / "models" / "base").exists()
+    run(["dvc", "pull"], clone)
+    assert stages_run(run(["dvc", "repro"], clone)) == set()
+    answer = run(
+        ["python", "-m", "lorapipe.chat", "--adapter", "models/adapters/sentiment", "--tweet", "love this"], clone
+    )
+    assert answer.strip()
+
+
+def test_s3_push_interrupted_then_retried_and_pulled_into_a_fresh_clone(repo, tmp_path, monkeypatch):
+    import boto3
+
+    from s3_server import CuttableProxy, moto_server
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="adapters")
+        target = int(endpoint.rsplit(":", 1)[1])
+        proxy = CuttableProxy(target, cut_after=5)
+        run(["dvc", "remote", "add", "s3", "s3://adapters/store"], repo)
+        run(["dvc", "remote", "modify", "s3", "endpointurl", proxy.url], repo)
+        run(["dvc", "remote", "modify", "s3", "connect_timeout", "2"], repo)
+        run(["git", "commit", "-qam", "s3 remote"], repo)
+
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        failed = subprocess.run(
+            ["dvc", "push", "-r", "s3"], cwd=repo, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert failed.returncode != 0 and proxy.requests > 5
+        assert "failed to push" in (failed.stdout + failed.stderr).lower()
+
+        CuttableProxy(target, port=proxy.port)  # the server is back on the same address
+        assert "pushed" in run(["dvc", "push", "-r", "s3"], repo).lower()
+
+        clone = tmp_path / "s3-clone"
+        run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+        run(["dvc", "pull", "-r", "s3"], clone)
+        assert "up to date" in run(["dvc", "status"], clone).lower()
+        assert stages_run(run(["dvc", "repro"], clone)) == set()
+        for name in ("sentiment", "mixed"):
+            assert (clone / "metrics" / f"{name}.json").read_text() == (repo / "metrics" / f"{name}.json").read_text()

@@ -20,17 +20,24 @@ def params(tmp_path):
 
 def sentiment_rows(params, n: int = 32) -> list[dict]:
     words = [(w, "positive") for w in POSITIVE] + [(w, "negative") for w in NEGATIVE]
-    return [record(sentiment_prompt(words[i % len(words)][0], params.prompt), words[i % len(words)][1])
-            for i in range(n)]
+    return [
+        record(sentiment_prompt(words[i % len(words)][0], params.prompt), words[i % len(words)][1]) for i in range(n)
+    ]
 
 
 def make_job(tmp_path: Path, base: Path, params, name: str = "sentiment") -> TrainJob:
     train_file = tmp_path / "train.jsonl"
     if not train_file.exists():
         write_jsonl(train_file, sentiment_rows(params))
-    return TrainJob(name=name, base_model=base, train_file=train_file, adapter_out=tmp_path / "adapters" / name,
-                    checkpoints=tmp_path / "checkpoints" / name, live_dir=tmp_path / "dvclive" / name,
-                    summary_out=tmp_path / "metrics" / f"train_{name}.json")
+    return TrainJob(
+        name=name,
+        base_model=base,
+        train_file=train_file,
+        adapter_out=tmp_path / "adapters" / name,
+        checkpoints=tmp_path / "checkpoints" / name,
+        live_dir=tmp_path / "dvclive" / name,
+        summary_out=tmp_path / "metrics" / f"train_{name}.json",
+    )
 
 
 def trainer_for(tiny_model, params, rows):
@@ -40,8 +47,13 @@ def trainer_for(tiny_model, params, rows):
     hardware = choose_hardware(params.train, cuda=False)
     model = load_for_inference(tiny_model).train()
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    return SFTTrainer(model=model, args=sft_config(params.train, hardware, Path("/tmp/unused")), train_dataset=dataset,
-                      processing_class=load_tokenizer(tiny_model), peft_config=lora_config(params.lora))
+    return SFTTrainer(
+        model=model,
+        args=sft_config(params.train, hardware, Path("/tmp/unused")),
+        train_dataset=dataset,
+        processing_class=load_tokenizer(tiny_model),
+        peft_config=lora_config(params.lora),
+    )
 
 
 def test_loss_counts_the_answer_and_the_end_of_turn_only(tiny_model, params):
@@ -64,8 +76,12 @@ def test_loss_counts_the_answer_and_the_end_of_turn_only(tiny_model, params):
 
 def test_cpu_fallback_is_logged_once_per_change(params, caplog):
     hardware = choose_hardware(params.train, cuda=False)
-    assert (hardware.device, hardware.precision, hardware.quantize_4bit, hardware.optim) == ("cpu", "bf16", False,
-                                                                                            "adamw_torch")
+    assert (hardware.device, hardware.precision, hardware.quantize_4bit, hardware.optim) == (
+        "cpu",
+        "bf16",
+        False,
+        "adamw_torch",
+    )
     assert len(hardware.fallbacks) == 3
     assert choose_hardware(params.train, cuda=True).quantize_4bit
     assert choose_hardware(params.train, cuda=True).optim == "paged_adamw_32bit"
@@ -90,8 +106,9 @@ def test_training_lowers_the_loss_and_the_adapter_reloads_and_changes_output(tmp
     assert (job.adapter_out / "tokenizer.json").exists()
 
     tokenizer = load_tokenizer(tiny_model)
-    inputs = tokenizer.apply_chat_template(sentiment_rows(params, 1)[0]["prompt"], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template(
+        sentiment_rows(params, 1)[0]["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.inference_mode():
         base_logits = load_for_inference(tiny_model)(**inputs).logits
         tuned_logits = load_for_inference(tiny_model, job.adapter_out)(**inputs).logits

@@ -1,0 +1,342 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import NEGATIVE, POSITIVE, tiny_params, write_instructions_json, write_tweets_csv
+from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
+from lorapipe.errors import PipelineError
+from lorapipe.evaluation import (
+    Outputs,
+    common_prefix_length,
+    encode,
+    evaluate_baseline,
+    evaluate_model,
+    evaluate_sentiment,
+    generate_answers,
+    label_token_ids,
+    load_eval_data,
+    load_instructions,
+    load_out_of_sample,
+    load_sentiment,
+    render,
+    stop_ids,
+    write_outputs,
+)
+from lorapipe.io import read_jsonl, write_jsonl
+from lorapipe.modeling import load_for_inference, load_tokenizer
+from lorapipe.prompts import instruction_prompt, record, sentiment_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = PromptParams(
+    system="You are a helpful assistant.",
+    sentiment_template="Classify the sentiment of this tweet as positive or negative.\nTweet: {text}",
+)
+TWEETS = [(text, "positive") for text in POSITIVE] + [(text, "negative") for text in NEGATIVE]
+INSTRUCTIONS = [
+    ("Write a short poem about the sea.", "", "The sea is wide and blue."),
+    ("Name three colours.", "", "Red, green and blue."),
+    ("Summarise the text in one line.", "The sea is wide and blue.", "The sea is wide."),
+]
+EVAL = EvalParams(batch_size=4, generation_batch_size=2, max_new_tokens=6, sentiment_max_new_tokens=4)
+
+
+def tweet_records(tweets=TWEETS):
+    return [record(sentiment_prompt(text, PROMPT), label, label=label, text=text) for text, label in tweets]
+
+
+def conversations(tweets=TWEETS):
+    return [r["prompt"] for r in tweet_records(tweets)]
+
+
+def write_prepared(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "sentiment_test.jsonl", tweet_records())
+    write_jsonl(
+        folder / "sentiment_train.jsonl", tweet_records([(f"{t} {i}", label) for t, label in TWEETS for i in (1, 2)])
+    )
+    write_jsonl(
+        folder / "instructions_test.jsonl",
+        [record(instruction_prompt(i, x, PROMPT), out, instruction=i, input=x) for i, x, out in INSTRUCTIONS],
+    )
+    write_jsonl(
+        folder / "out_of_sample.jsonl",
+        [
+            {
+                "id": "poem",
+                "instruction": "Write a short poem about the sea.",
+                "input": "",
+                "prompt": instruction_prompt("Write a short poem about the sea.", "", PROMPT),
+            }
+        ],
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def taught_model(tiny_model, tmp_path_factory) -> Path:
+    """The tiny random model after ~100 steps of answering each tweet's label then <|im_end|>.
+
+    Its greedy answers are label words, so parsing and the agreement of both ways are exercised.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    texts = render(tokenizer, conversations())
+    prompts = encode(tokenizer, texts)
+    answers = encode(tokenizer, [label for _, label in TWEETS])
+    sequences = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in sequences])[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    for row, prompt in enumerate(prompts):
+        labels[row, : len(prompt)] = -100
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains faster on one thread
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(100):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("taught") / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def unpadded_logprob(model, tokenizer, conversation, label: str) -> float:
+    """log p(label | prompt) from one unpadded forward pass with no cache: the reference to match."""
+    text = render(tokenizer, [conversation])[0]
+    prompt, answer = encode(tokenizer, [text])[0], label_token_ids(tokenizer, text, label)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(answer))
+
+
+def test_common_prefix_length_leaves_a_token_in_each():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 8]]) == 1
+    assert common_prefix_length([[1, 2], [3, 4]]) == 0
+
+
+@pytest.mark.parametrize("labels", [SENTIMENT_LABELS, ("wonderful day", "horrible day")], ids=["single", "multi"])
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["prefix-cache", "plain"])
+def test_label_logprobs_match_an_unpadded_uncached_forward(tiny_model, labels, share_prefix):
+    model, tokenizer = load_for_inference(tiny_model), load_tokenizer(tiny_model)
+    text = render(tokenizer, conversations()[:1])[0]
+    multi_token = labels != SENTIMENT_LABELS  # one forward pass for single-token labels, one per label otherwise
+    assert all((len(label_token_ids(tokenizer, text, label)) > 1) == multi_token for label in labels)
+
+    tweets = [*TWEETS[:3], ("worst thing ever happened to my amazing car today", "negative"), TWEETS[-1]]
+    predictions = evaluate_sentiment(
+        model,
+        tokenizer,
+        conversations(tweets),
+        batch_size=2,
+        max_new_tokens=2,
+        labels=labels,
+        share_prefix=share_prefix,
+    )
+    for prediction, conversation in zip(predictions, conversations(tweets), strict=True):
+        for label in labels:
+            assert prediction.logprobs[label] == pytest.approx(
+                unpadded_logprob(model, tokenizer, conversation, label), abs=1e-4
+            )
+        assert prediction.score_label == max(labels, key=prediction.logprobs.get)
+
+
+@pytest.mark.parametrize("extra_stop", [None, "positive"])
+def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, monkeypatch):
+    from transformers import DynamicCache
+
+    dropped = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda c, i: dropped.append(len(i)) or select(c, i))
+    model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model, padding_side="left")
+    if extra_stop:  # rows answering "positive" stop at once and leave the batch; the others go on
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, *encode(tokenizer, [extra_stop])[0]]
+    stops = stop_ids(model, tokenizer)
+    prompts = (
+        conversations()[:5] + conversations()[-3:] + [instruction_prompt(i, x, PROMPT) for i, x, _ in INSTRUCTIONS]
+    )
+    inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+    expected, new_tokens = [], 0
+    for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        expected.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
+        new_tokens += end
+    assert any(expected) and ("" in expected) == bool(extra_stop)
+    for share_prefix in (True, False):
+        answers = generate_answers(model, tokenizer, prompts, batch_size=4, max_new_tokens=5, share_prefix=share_prefix)
+        assert answers.texts == expected
+        assert answers.new_tokens == new_tokens
+    assert bool(dropped) == bool(extra_stop)  # finished rows left their batch mid-way
+
+
+def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model):
+    model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
+    shared = evaluate_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4)
+    plain = evaluate_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4, share_prefix=False)
+    assert len(shared) == len(TWEETS)
+    for a, b in zip(shared, plain, strict=True):
+        assert (a.answer, a.generated_label, a.score_label) == (b.answer, b.generated_label, b.score_label)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        # The taught model answers with a label word: its first greedy token is the likelier label's token.
+        assert a.answer in SENTIMENT_LABELS
+        assert a.generated_label == a.score_label == a.answer
+    assert {p.score_label for p in shared} == set(SENTIMENT_LABELS)
+
+
+def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = load_eval_data(write_prepared(tmp_path / "prepared"), EVAL)
+    model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
+    outputs = evaluate_model(model, tokenizer, data, EVAL)
+    write_outputs(outputs, tmp_path / "metrics" / "m.json", tmp_path / "predictions" / "m")
+
+    metrics = json.loads((tmp_path / "metrics" / "m.json").read_text())
+    assert set(metrics) == {"sentiment", "instructions", "examples", "seconds", "speed"}
+    assert set(metrics["sentiment"]["generate"]) == {"accuracy", "f1", "precision", "recall", "no_label_rate"}
+    assert set(metrics["sentiment"]["score"]) == {"accuracy", "f1", "precision", "recall"}
+    assert set(metrics["instructions"]) == {"token_f1", "rouge_l", "bertscore_f1"}
+    assert metrics["examples"] == {"sentiment": 12, "instructions": 3, "out_of_sample": 1}
+    assert metrics["sentiment"]["generate"]["no_label_rate"] == 0.0
+    assert metrics["sentiment"]["generate"]["accuracy"] == metrics["sentiment"]["score"]["accuracy"]
+
+    folder = tmp_path / "predictions" / "m"
+    sentiment = read_jsonl(folder / "sentiment.jsonl")
+    assert [r["text"] for r in sentiment] == [t for t, _ in TWEETS]
+    assert set(sentiment[0]) == {"text", "label", "answer", "generated_label", "score_label", "logprobs"}
+    with open(folder / "confusion.csv", newline="") as handle:
+        confusion = list(csv.DictReader(handle))
+    assert [(r["actual"], r["predicted"]) for r in confusion] == [(r["label"], r["generated_label"]) for r in sentiment]
+    instructions = read_jsonl(folder / "instructions.jsonl")
+    assert [r["reference"] for r in instructions] == [out for _, _, out in INSTRUCTIONS]
+    assert all(0.0 <= r[k] <= 1.0001 for r in instructions for k in ("token_f1", "rouge_l", "bertscore_f1"))
+    assert read_jsonl(folder / "out_of_sample.jsonl")[0].keys() == {"id", "instruction", "input", "answer"}
+
+
+def test_sizes_limit_the_test_sets(tmp_path):
+    prepared = write_prepared(tmp_path)
+    data = load_eval_data(
+        prepared,
+        EvalParams(batch_size=1, generation_batch_size=1, max_new_tokens=1, sentiment_size=5, instruction_size=2),
+    )
+    assert (len(data.sentiment), len(data.instructions), len(data.out_of_sample)) == (5, 2, 1)
+
+
+def test_tfidf_baseline_learns_the_words(tmp_path):
+    prepared = write_prepared(tmp_path)
+    outputs = evaluate_baseline(
+        load_sentiment(prepared / "sentiment_train.jsonl"), load_sentiment(prepared / "sentiment_test.jsonl")
+    )
+    assert outputs.metrics == {
+        "sentiment": {"tfidf": {"accuracy": 1.0, "f1": 1.0, "precision": 1.0, "recall": 1.0}},
+        "examples": {"train": 24, "sentiment": 12},
+    }
+    assert set(outputs.files) == {"sentiment.jsonl", "confusion.csv"}
+
+
+@pytest.mark.parametrize(
+    ("loader", "row", "message"),
+    [
+        (
+            load_sentiment,
+            {"prompt": [{"role": "user", "content": "x"}], "label": "neutral", "text": "x"},
+            r"s\.jsonl: record 1 field 'label' is 'neutral'",
+        ),
+        (load_sentiment, {"prompt": "x", "label": "positive", "text": "x"}, r"s\.jsonl: record 1 field 'prompt'"),
+        (load_sentiment, {"prompt": [], "label": "positive"}, r"s\.jsonl: line 1 lacks the field 'text'"),
+        (
+            load_instructions,
+            {"prompt": [{"role": "user", "content": "x"}], "completion": [], "instruction": "x"},
+            r"s\.jsonl: record 1 field 'completion'",
+        ),
+        (load_out_of_sample, {"id": 1, "instruction": None, "prompt": []}, r"s\.jsonl: record 1 field 'instruction'"),
+    ],
+)
+def test_bad_input_names_the_file_and_field(tmp_path, loader, row, message):
+    write_jsonl(tmp_path / "s.jsonl", [row])
+    with pytest.raises(PipelineError, match=message):
+        loader(tmp_path / "s.jsonl")
+
+
+def test_empty_test_file_is_refused(tmp_path):
+    (tmp_path / "s.jsonl").write_text("")
+    with pytest.raises(PipelineError, match=r"s\.jsonl: no records"):
+        load_sentiment(tmp_path / "s.jsonl")
+
+
+def test_a_failed_write_leaves_the_previous_outputs(tmp_path):
+    good = Outputs({"sentiment": {"tfidf": {"accuracy": 0.5}}}, {"sentiment.jsonl": [{"text": "a"}]})
+    write_outputs(good, tmp_path / "m.json", tmp_path / "pred")
+    bad = Outputs({"sentiment": {}}, {"sentiment.jsonl": [{"text": object()}]})
+    with pytest.raises(TypeError):
+        write_outputs(bad, tmp_path / "m.json", tmp_path / "pred")
+    assert json.loads((tmp_path / "m.json").read_text()) == good.metrics
+    assert read_jsonl(tmp_path / "pred" / "sentiment.jsonl") == [{"text": "a"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "pred"]
+
+
+def test_evaluate_stage_runs_base_and_an_adapter(taught_model, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    write_prepared(tmp_path / "data" / "prepared")
+    base = tmp_path / "models" / "base"
+    model = load_for_inference(taught_model)
+    model.save_pretrained(base, safe_serialization=True)
+    load_tokenizer(taught_model).save_pretrained(base)
+    torch.manual_seed(0)
+    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter.save_pretrained(tmp_path / "models" / "adapters" / "sentiment")
+    params = tiny_params(base, write_tweets_csv(tmp_path / "t.csv"), write_instructions_json(tmp_path / "i.json"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "evaluate.py"), "base", "sentiment"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("base", "sentiment"):
+        metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
+        assert metrics["examples"]["sentiment"] == 12
+        assert {p.name for p in (tmp_path / "data" / "predictions" / name).iterdir()} == {
+            "sentiment.jsonl",
+            "confusion.csv",
+            "instructions.jsonl",
+            "out_of_sample.jsonl",
+        }
+    assert json.loads((tmp_path / "metrics" / "baseline.json").read_text())["sentiment"]["tfidf"]["accuracy"] == 1.0
+    assert "sentiment: loaded" in done.stderr
+
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "evaluate.py"), "mixed"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode == 1
+    assert "models/adapters/mixed: no adapter_config.json" in missing.stderr

