@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= embedded
 
-.PHONY: setup repro test lint format profile clean-venv
+.PHONY: setup repro test lint format profile remote clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ format: setup
 # Switch params.yaml to another profile from profiles/ (then `dvc exp run` or `make repro`).
 profile: setup
 	$(BIN)/python -m lorapipe.profiles $(PROFILE)
+
+# A default DVC remote in a local folder (dvc push / dvc pull); STORAGE=... to choose where.
+STORAGE ?= $(abspath ..)/lorapipe-dvc-storage
+remote: setup
+	$(BIN)/dvc remote add --force -d local $(STORAGE)
 
 clean-venv:
 	rm -rf $(VENV)
