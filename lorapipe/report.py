@@ -94,11 +94,13 @@ def read_confusion(path: Path) -> list[list[int]]:
 
 
 def find_curve(live_dir: Path, metric: str) -> Path | None:
-    """The training curve of ``metric`` under a DVCLive folder (``train/<metric>.tsv`` preferred)."""
-    candidates = sorted(
-        (live_dir / "plots" / "metrics").rglob(f"{metric}.tsv"), key=lambda p: (p.parent.name != "train", len(p.parts))
-    )
-    return candidates[0] if candidates else None
+    """The per-log training curve of ``metric`` in a DVCLive folder.
+
+    ``plots/metrics/<metric>.tsv`` holds one row per logging step; ``plots/metrics/train/`` holds only the
+    end-of-training summary, a single point.
+    """
+    path = live_dir / "plots" / "metrics" / f"{metric}.tsv"
+    return path if path.exists() else None
 
 
 def git_state(root: Path) -> dict[str, Any]:
@@ -403,7 +405,7 @@ def _draw_curves(curves: dict[str, dict[str, list[tuple[float, float]]]], path: 
             if series.get(metric):
                 steps, values = zip(*series[metric], strict=True)
                 axis.plot(steps, values, label=name)
-        axis.set_xlabel("step")
+        axis.set_xlabel("logging step (every train.logging_steps optimizer steps)")
         axis.set_title(metric.replace("_", " "))
         axis.legend()
     figure.tight_layout()

@@ -64,7 +64,7 @@ def write_repo(root: Path) -> Path:
                 "final_loss": 0.2123,
             },
         )
-        curves = root / "dvclive" / name / "plots" / "metrics" / "train"
+        curves = root / "dvclive" / name / "plots" / "metrics"
         curves.mkdir(parents=True)
         (curves / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t5\t0.9\n2\t10\t0.4\n")
         (curves / "learning_rate.tsv").write_text("timestamp\tstep\tlearning_rate\n1\t5\t0.0002\n2\t10\t0.0001\n")
@@ -152,13 +152,13 @@ def test_render_is_pure_and_skips_missing_sections():
         assert absent not in text
 
 
-def test_curve_lookup_prefers_training_and_lock_reading(tmp_path):
+def test_curve_lookup_takes_the_per_log_curve_not_the_summary_and_lock_reading(tmp_path):
     metrics = tmp_path / "plots" / "metrics"
-    (metrics / "eval").mkdir(parents=True)
-    (metrics / "train").mkdir()
-    (metrics / "eval" / "loss.tsv").write_text("step\tloss\n")
-    (metrics / "train" / "loss.tsv").write_text("step\tloss\n")
-    assert find_curve(tmp_path, "loss") == metrics / "train" / "loss.tsv"
+    (metrics / "train").mkdir(parents=True)
+    (metrics / "train" / "loss.tsv").write_text("step\tloss\n19\t0.2\n")
+    assert find_curve(tmp_path, "loss") is None
+    (metrics / "loss.tsv").write_text("step\tloss\n0\t1.0\n1\t0.5\n")
+    assert find_curve(tmp_path, "loss") == metrics / "loss.tsv"
     assert find_curve(tmp_path, "learning_rate") is None
     assert dvc_lock_hashes(tmp_path / "dvc.lock") == {}
 
