@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import os
@@ -11,7 +12,9 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from lorapipe.config import HubSource, LocalSource, RegistrySource
 from lorapipe.errors import PipelineError
@@ -66,14 +69,18 @@ def verify_sha256(path: Path, expected: str, field: str) -> None:
         raise PipelineError(f"{path.name}: sha256 mismatch for {field}: expected {expected}, got {actual}")
 
 
-def _archive_names(archive: Path) -> list[str]:
+@contextlib.contextmanager
+def _open_archive(archive: Path) -> Iterator[tuple[list[str], Callable[[str], IO[bytes]]]]:
+    """The file names in a wheel (zip) or sdist (tar) and a function that opens one of them."""
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
-            return zf.namelist()
-    if tarfile.is_tarfile(archive):
+            yield zf.namelist(), zf.open
+    elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
-            return [m.name for m in tf.getmembers() if m.isfile()]
-    raise PipelineError(f"{archive.name}: neither a zip (wheel) nor a tar (sdist) archive")
+            members = {m.name: m for m in tf.getmembers() if m.isfile()}
+            yield list(members), lambda name: tf.extractfile(members[name])
+    else:
+        raise PipelineError(f"{archive.name}: neither a zip (wheel) nor a tar (sdist) archive")
 
 
 def extract_member(archive: Path, member: str, dest: Path, field: str) -> Path:
@@ -81,27 +88,20 @@ def extract_member(archive: Path, member: str, dest: Path, field: str) -> Path:
 
     A file lands at ``dest`` itself; a folder's files land below ``dest``.
     """
-    names = _archive_names(archive)
     prefix = member.rstrip("/") + "/"
-    if member in names:
-        wanted = {member: dest}
-    else:
-        wanted = {n: dest / n[len(prefix) :] for n in names if n.startswith(prefix) and not n.endswith("/")}
-    if not wanted:
-        raise PipelineError(f"{archive.name}: member {member!r} ({field}) not found in the archive")
-    for name, target in wanted.items():
-        if ".." in PurePosixPath(name).parts:
-            raise PipelineError(f"{archive.name}: unsafe member path {name!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf, zf.open(name) as src, open(target, "wb") as out:
-                shutil.copyfileobj(src, out)
+    with _open_archive(archive) as (names, open_member):
+        if member in names:
+            wanted = {member: dest}
         else:
-            with tarfile.open(archive) as tf:
-                src = tf.extractfile(name)
-                assert src is not None
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
+            wanted = {n: dest / n[len(prefix) :] for n in names if n.startswith(prefix) and not n.endswith("/")}
+        if not wanted:
+            raise PipelineError(f"{archive.name}: member {member!r} ({field}) not found in the archive")
+        for name, target in wanted.items():
+            if ".." in PurePosixPath(name).parts:
+                raise PipelineError(f"{archive.name}: unsafe member path {name!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open_member(name) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
     return dest
 
 
