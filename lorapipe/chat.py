@@ -33,8 +33,6 @@ def answer(
     tweets: bool = False,
     max_new_tokens: int = 128,
 ) -> list[str]:
-    if adapter is not None and not (adapter / "adapter_config.json").exists():
-        raise PipelineError(f"{adapter}: no adapter_config.json (dvc pull the adapter, or train it)")
     model = load_for_inference(base, adapter)
     tokenizer = load_tokenizer(adapter if adapter is not None else base, padding_side="left")
     return generate_answers(

@@ -8,15 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, run_stage
 from lorapipe.modeling import load_for_inference, load_tokenizer
 
 
 def export_merged(base: Path, adapter: Path, out: Path) -> Path:
     """Write ``out`` as a standalone model: merged fp32 safetensors, config, tokenizer and chat template."""
-    if not (adapter / "adapter_config.json").exists():
-        raise PipelineError(f"{adapter}: no adapter_config.json (pull or train the adapter first)")
     model = load_for_inference(base, adapter)
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").exists() else base)
     with atomic_dir(out) as staging:

@@ -14,18 +14,6 @@ from lorapipe.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "config.json",
-)
-
 
 def materialize_base_model(raw: Path, out: Path) -> dict:
     """Write ``out`` as safetensors + config + tokenizer from a GGUF file or a safetensors folder."""
@@ -115,13 +103,20 @@ def load_causal_lm(path: str | Path, hardware: Hardware | None = None, dtype: to
         raise PipelineError(f"{path}: cannot load the model: {err}") from None
 
 
+def require_adapter(adapter: Path) -> Path:
+    """``adapter`` itself if it holds a PEFT adapter, else a clear error."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise PipelineError(f"{adapter}: no adapter_config.json (train it with dvc repro, or dvc pull it)")
+    return Path(adapter)
+
+
 def load_for_inference(base: str | Path, adapter: str | Path | None = None):
     """The base model in fp32 (fast on CPUs without AVX-512), with an adapter merged in if given; on a GPU if any."""
     model = load_causal_lm(base, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, require_adapter(adapter)).merge_and_unload()
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()

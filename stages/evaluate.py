@@ -14,10 +14,9 @@ import time
 from pathlib import Path
 
 from lorapipe.config import load_params
-from lorapipe.errors import PipelineError
 from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
 from lorapipe.io import run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer
+from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter
 
 log = logging.getLogger("lorapipe.stages.evaluate")
 
@@ -29,13 +28,8 @@ PREDICTIONS = Path("data/predictions")
 
 
 def adapter_dir(name: str) -> Path | None:
-    """No adapter for ``base``; otherwise models/adapters/<name>, which must hold one."""
-    if name == "base":
-        return None
-    adapter = ADAPTERS / name
-    if not (adapter / "adapter_config.json").is_file():
-        raise PipelineError(f"{adapter}: no adapter_config.json (run train_{name} first)")
-    return adapter
+    """No adapter for ``base``; otherwise models/adapters/<name>, checked before any model is loaded."""
+    return None if name == "base" else require_adapter(ADAPTERS / name)
 
 
 def main() -> None:
