@@ -2,7 +2,8 @@
 
 python -m lorapipe.chat --adapter models/adapters/sentiment --tweet "Stuck in traffic again, love it"
 python -m lorapipe.chat --adapter models/adapters/mixed "Write a haiku about autumn."
-python -m lorapipe.chat --adapter models/adapters/mixed --file prompts.txt   # one prompt a line
+python -m lorapipe.chat --adapter models/adapters/mixed --file prompts.txt           # one prompt a line
+python -m lorapipe.chat --adapter models/adapters/mixed --records data/prepared/out_of_sample.jsonl
 """
 
 from __future__ import annotations
@@ -12,50 +13,49 @@ import sys
 from pathlib import Path
 
 from lorapipe.config import PromptParams, load_params
+from lorapipe.decoding import generate_answers
 from lorapipe.errors import PipelineError
-from lorapipe.evaluation import generate_answers
-from lorapipe.modeling import load_for_inference, load_tokenizer
+from lorapipe.modeling import load_for_inference, load_tokenizer, tokenizer_dir
 from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.records import Conversation, read_records
 
 
-def conversations(texts: list[str], prompt: PromptParams, tweets: bool) -> list[list[dict[str, str]]]:
+def conversations(texts: list[str], prompt: PromptParams, tweets: bool) -> list[Conversation]:
     """Each text as the user turn the model was trained on: a tweet to classify, or an instruction."""
     if tweets:
         return [sentiment_prompt(text, prompt) for text in texts]
     return [instruction_prompt(text, "", prompt) for text in texts]
 
 
-def answer(
-    base: Path,
-    adapter: Path | None,
-    texts: list[str],
-    prompt: PromptParams,
-    tweets: bool = False,
-    max_new_tokens: int = 128,
-) -> list[str]:
+def answer(base: Path, adapter: Path | None, prompts: list[Conversation], max_new_tokens: int = 128) -> list[str]:
     model = load_for_inference(base, adapter)
-    tokenizer = load_tokenizer(adapter if adapter is not None else base, padding_side="left")
-    return generate_answers(
-        model, tokenizer, conversations(texts, prompt, tweets), batch_size=8, max_new_tokens=max_new_tokens
-    ).texts
+    tokenizer = load_tokenizer(tokenizer_dir(base, adapter), padding_side="left")
+    return generate_answers(model, tokenizer, prompts, batch_size=8, max_new_tokens=max_new_tokens).texts
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def read_prompts(args: argparse.Namespace, prompt: PromptParams) -> tuple[list[str], list[Conversation]]:
+    """What to show for each prompt, and the conversations to answer."""
     texts = list(args.prompts)
     if args.file is not None:
         try:
             texts += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise PipelineError(f"{args.file}: cannot read prompts: {err}") from None
-    if not texts:
-        raise PipelineError("no prompt given: pass text arguments or --file")
-    return texts
+    shown, prompts = texts, conversations(texts, prompt, args.tweet)
+    if args.records is not None:
+        records = read_records(args.records, completion=False)
+        shown = shown + [r["prompt"][-1]["content"] for r in records]
+        prompts = prompts + [r["prompt"] for r in records]
+    if not prompts:
+        raise PipelineError("no prompt given: pass text arguments, --file or --records")
+    return shown, prompts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompts", nargs="*", help="prompts (or tweets with --tweet)")
     parser.add_argument("--file", type=Path, help="a text file with one prompt a line")
+    parser.add_argument("--records", type=Path, help="a JSONL file of prompt records (e.g. data/prepared/*.jsonl)")
     parser.add_argument("--adapter", type=Path, help="an adapter folder; none for the base model alone")
     parser.add_argument("--base", type=Path, default=Path("models/base"))
     parser.add_argument("--params", default="params.yaml", help="where the system prompt and templates come from")
@@ -63,14 +63,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     args = parser.parse_args()
     try:
-        texts = read_prompts(args)
-        answers = answer(
-            args.base, args.adapter, texts, load_params(args.params).prompt, args.tweet, args.max_new_tokens
-        )
+        shown, prompts = read_prompts(args, load_params(args.params).prompt)
+        answers = answer(args.base, args.adapter, prompts, args.max_new_tokens)
     except PipelineError as err:
         sys.exit(f"error: {err}")
-    for text, reply in zip(texts, answers, strict=True):
-        print(reply if len(texts) == 1 else f"> {text}\n{reply}\n")
+    for text, reply in zip(shown, answers, strict=True):
+        print(reply if len(shown) == 1 else f"> {text}\n{reply}\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -11,32 +11,21 @@ from typing import Any
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from lorapipe.config import SENTIMENT_LABELS, InstructionsParams, MixParams, PromptParams, SplitParams, TweetsParams
+from lorapipe.config import (
+    DROPPED_LABELS,
+    SENTIMENT_LABELS,
+    InstructionsParams,
+    MixParams,
+    PromptParams,
+    SplitParams,
+    TweetsParams,
+)
 from lorapipe.errors import PipelineError
-from lorapipe.prompts import instruction_prompt, record, sentiment_prompt
+from lorapipe.io import atomic_dir, write_json, write_jsonl
+from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.records import read_records, record
 
-DROPPED_LABELS = ("neutral",)
-
-
-def read_table(path: Path, encoding: str = "utf-8", encoding_field: str = "encoding") -> pd.DataFrame:
-    """Read a CSV, JSON (a list of objects), JSONL or Parquet file by its extension."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            return pd.read_csv(path, encoding=encoding, dtype=str, keep_default_na=False, encoding_errors="strict")
-        if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
-        if suffix == ".json":
-            return pd.DataFrame(json.loads(path.read_text(encoding=encoding)))
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-    except UnicodeDecodeError as err:
-        raise PipelineError(f"{path}: bytes that are not valid {encoding} text ({encoding_field}): {err}") from None
-    except (ValueError, pd.errors.ParserError) as err:
-        raise PipelineError(f"{path}: cannot be parsed as {suffix[1:]}: {err}") from None
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
-    raise PipelineError(f"{path}: unsupported file type {suffix!r} (csv, json, jsonl or parquet)")
+log = logging.getLogger(__name__)
 
 
 def _require_columns(frame: pd.DataFrame, path: Path, fields: dict[str, str | None]) -> None:
@@ -61,18 +50,35 @@ def clean_tweets(
             "data.tweets.confidence_field": tweets.confidence_field,
         },
     )
-    labels = frame[tweets.label_field].astype(str).str.strip().str.lower()
+    if frame.empty:
+        raise PipelineError(f"{path}: no rows (data.tweets.source)")
+    labels = frame[tweets.label_field].astype(str).str.strip()
+    if tweets.label_map is not None:
+        mapping = {str(raw): label for raw, label in tweets.label_map.items()}
+        unmapped = sorted(set(labels) - set(mapping))
+        if unmapped:
+            raise PipelineError(
+                f"{path}: label {unmapped[0]!r} in column {tweets.label_field!r} is not in data.tweets.label_map"
+            )
+        labels = labels.map(mapping)
+    labels = labels.str.lower()
     unknown = sorted(set(labels) - set(SENTIMENT_LABELS) - set(DROPPED_LABELS))
     if unknown:
         raise PipelineError(
             f"{path}: unknown label {unknown[0]!r} in column {tweets.label_field!r} "
-            f"(data.tweets.label_field); known: {list(SENTIMENT_LABELS + DROPPED_LABELS)}"
+            f"(data.tweets.label_field, or map it with data.tweets.label_map); "
+            f"known: {list(SENTIMENT_LABELS + DROPPED_LABELS)}"
         )
     text = frame[tweets.text_field].astype(str).str.strip()
     out = pd.DataFrame({"text": text, "label": labels})
     counts = {"read": len(out)}
     out = out[~out.label.isin(DROPPED_LABELS) & (out.text != "")]
     counts["binary"] = len(out)
+    for label in SENTIMENT_LABELS:
+        if not (out.label == label).any():
+            raise PipelineError(
+                f"{path}: no {label!r} tweet with text in column {tweets.label_field!r} (data.tweets.label_field)"
+            )
     if tweets.confidence_field is not None and split.min_confidence > 0:
         confidence = pd.to_numeric(frame.loc[out.index, tweets.confidence_field], errors="coerce")
         out = out[confidence.fillna(0.0) >= split.min_confidence]
@@ -98,10 +104,11 @@ def split_tweets(frame: pd.DataFrame, path: Path, split: SplitParams) -> tuple[p
             f"{path}: data.split.train_size + test_size = {wanted} exceeds the {len(frame)} "
             f"tweets left after filtering{' and balancing' if split.balance else ''}"
         )
-    train, test = train_test_split(
-        frame, train_size=split.train_size, test_size=split.test_size, stratify=frame.label, random_state=split.seed
-    )
-    return train.reset_index(drop=True), test.reset_index(drop=True)
+    # The test split is drawn first, from the seed and test_size alone, so changing train_size keeps the same test set.
+    rest, test = train_test_split(frame, test_size=split.test_size, stratify=frame.label, random_state=split.seed)
+    if split.train_size < len(rest):
+        rest, _ = train_test_split(rest, train_size=split.train_size, stratify=rest.label, random_state=split.seed)
+    return rest.reset_index(drop=True), test.reset_index(drop=True)
 
 
 def sentiment_records(frame: pd.DataFrame, prompt: PromptParams) -> list[dict[str, Any]]:
@@ -165,17 +172,25 @@ def label_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["label"] for r in rows).items()))
 
 
-def mix_records(sentiment: list[dict], instructions: list[dict], mix: MixParams) -> tuple[list[dict], dict]:
-    """``mix.size`` records of which a share ``mix.instruction_share`` are instructions, shuffled."""
+def mix_records(
+    sentiment: list[dict],
+    instructions: list[dict],
+    mix: MixParams,
+    sources: tuple[str, str] = ("sentiment", "instruction"),
+) -> tuple[list[dict], dict]:
+    """``mix.size`` records of which a share ``mix.instruction_share`` are instructions, shuffled.
+
+    ``sources`` name the two record files in errors.
+    """
     n_instructions = round(mix.size * mix.instruction_share)
     n_sentiment = mix.size - n_instructions
-    for name, wanted, have in (
-        ("sentiment", n_sentiment, len(sentiment)),
-        ("instruction", n_instructions, len(instructions)),
+    for source, kind, wanted, have in (
+        (sources[0], "sentiment", n_sentiment, len(sentiment)),
+        (sources[1], "instruction", n_instructions, len(instructions)),
     ):
         if wanted > have:
             raise PipelineError(
-                f"mix.size x mix.instruction_share asks for {wanted} {name} records; the {name} train file holds {have}"
+                f"{source}: holds {have} {kind} records; mix.size x mix.instruction_share asks for {wanted}"
             )
     rng = random.Random(mix.seed)
     chosen = [{**r, "source": "sentiment"} for r in rng.sample(sentiment, n_sentiment)] + [
@@ -190,3 +205,15 @@ def mix_records(sentiment: list[dict], instructions: list[dict], mix: MixParams)
         "labels": label_counts([r for r in chosen if r["source"] == "sentiment"]),
     }
     return chosen, stats
+
+
+def write_mix(sentiment_path: Path, instructions_path: Path, mix: MixParams, out: Path) -> dict:
+    """The mix stage's work: read both record files, mix them, write ``out/train.jsonl`` and ``out/stats.json``."""
+    sentiment = read_records(sentiment_path, text_fields=("label",))
+    instructions = read_records(instructions_path)
+    rows, stats = mix_records(sentiment, instructions, mix, (str(sentiment_path), str(instructions_path)))
+    with atomic_dir(out) as staging:
+        write_jsonl(staging / "train.jsonl", rows)
+        write_json(staging / "stats.json", stats)
+    log.info("mixed %d sentiment + %d instruction records -> %s", stats["sentiment"], stats["instructions"], out)
+    return stats

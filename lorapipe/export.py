@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base model and save full safetensors weights.
 
-``python -m lorapipe.export --adapter models/adapters/sentiment --out exported/sentiment``
+``python -m lorapipe.export --adapter models/adapters/sentiment --out exported/sentiment [--force]``
 """
 
 from __future__ import annotations
@@ -8,14 +8,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer
+from lorapipe.modeling import load_for_inference, load_tokenizer, tokenizer_dir
 
 
-def export_merged(base: Path, adapter: Path, out: Path) -> Path:
-    """Write ``out`` as a standalone model: merged fp32 safetensors, config, tokenizer and chat template."""
+def export_merged(base: Path, adapter: Path, out: Path, force: bool = False) -> Path:
+    """Write ``out`` as a standalone model: merged fp32 safetensors, config, tokenizer and chat template.
+
+    An existing non-empty ``out`` is replaced only with ``force``.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise PipelineError(f"{out}: exists and is not empty; pass --force to replace it")
     model = load_for_inference(base, adapter)
-    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").exists() else base)
+    tokenizer = load_tokenizer(tokenizer_dir(base, adapter))
     with atomic_dir(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -27,8 +33,9 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("models/base"))
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args()
-    run_stage("export", lambda: export_merged(args.base, args.adapter, args.out))
+    run_stage("export", lambda: export_merged(args.base, args.adapter, args.out, args.force))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ from lorapipe.data import (
     clean_tweets,
     instruction_records,
     label_counts,
-    read_table,
     sentiment_records,
     split_instructions,
     split_tweets,
 )
-from lorapipe.errors import PipelineError
+from lorapipe.errors import PipelineError, yaml_problem
 from lorapipe.io import atomic_dir, read_json, write_json, write_jsonl
 from lorapipe.prompts import instruction_prompt
+from lorapipe.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ def out_of_sample_records(path: Path, prompt: PromptParams) -> list[dict]:
     """The hand-written instructions in ``path`` as prompts (no reference answer)."""
     try:
         items = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise PipelineError(f"{path}: cannot read the out-of-sample instructions: {err}") from None
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(items, list) or not items:
         raise PipelineError(f"{path}: expected a non-empty list of instructions")
     records = []

@@ -20,17 +20,37 @@ from lorapipe.errors import PipelineError
 log = logging.getLogger("lorapipe")
 
 
+def remove_stale_staging(target: Path) -> None:
+    """Delete what an interrupted write of ``target`` left beside it (``.<name>.*`` staging folders and files)."""
+    for stale in target.parent.glob(f".{target.name}.*"):
+        log.info("removing %s, left by an interrupted run", stale)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield an empty folder beside ``target`` that replaces it only if the block succeeds."""
+    """Yield an empty folder beside ``target`` that replaces it only if the block succeeds.
+
+    Temporary files of the work belong inside that folder, so an interrupted run leaves one staging folder,
+    which the next write of the same target removes.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    replace_dir(staging, target)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Put the finished folder ``staging`` in the place of ``target`` (two renames; the old one is deleted)."""
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -44,6 +64,7 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path that replaces ``target`` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(target)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     staging = Path(name)

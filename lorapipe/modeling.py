@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,16 +18,19 @@ from lorapipe.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
-def materialize_base_model(raw: Path, out: Path) -> dict:
-    """Write ``out`` as safetensors + config + tokenizer from a GGUF file or a safetensors folder."""
+def materialize_base_model(raw: Path, out: Path, shown_as: str) -> dict:
+    """Write ``out`` as safetensors + config + tokenizer from a GGUF file or a safetensors folder.
+
+    ``shown_as`` names the source in errors (``raw`` is a copy in the stage's scratch folder).
+    """
     if raw.is_file() and raw.suffix == ".gguf":
         return _convert_gguf(raw, out)
     if raw.is_dir():
         if not list(raw.glob("*.safetensors")):
-            raise PipelineError(f"{raw}: no .safetensors weights (model.source); other weight formats are refused")
+            raise PipelineError(f"{shown_as}: no .safetensors weights (model.source); other weight formats are refused")
         shutil.copytree(raw, out, dirs_exist_ok=True)
         return {"format": "safetensors"}
-    raise PipelineError(f"{raw}: model.source must give a .gguf file or a folder of safetensors")
+    raise PipelineError(f"{shown_as}: model.source must give a .gguf file or a folder of safetensors")
 
 
 def _convert_gguf(gguf: Path, out: Path) -> dict:
@@ -60,6 +66,13 @@ class Hardware:
     quantize_4bit: bool
     optim: str
     fallbacks: tuple[str, ...]
+    attention: str = "sdpa"
+    device_map: dict | None = None
+
+
+def sharded_launch() -> bool:
+    """Whether accelerate launched this process for FSDP or DeepSpeed (they place the weights themselves)."""
+    return any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true" for name in ("FSDP", "DEEPSPEED"))
 
 
 def choose_hardware(train: TrainParams, cuda: bool | None = None) -> Hardware:
@@ -69,7 +82,10 @@ def choose_hardware(train: TrainParams, cuda: bool | None = None) -> Hardware:
     if cuda:
         precision = "fp16" if train.precision == "auto" else train.precision
         quantize = train.quantization in ("auto", "4bit")
-        return Hardware("cuda", precision, quantize, train.optim, ())
+        # A 4-bit model is placed at load time: on this process's GPU, unless FSDP or ZeRO-3 shard it.
+        device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if quantize and not sharded_launch() else None
+        attention = "sdpa" if train.attention == "auto" else train.attention
+        return Hardware("cuda", precision, quantize, train.optim, (), attention, device_map)
     precision = train.cpu_precision if train.precision in ("auto", "fp16") else train.precision
     if train.precision == "fp16":
         fallbacks.append(f"fp16 needs CUDA: training in {precision} on the CPU")
@@ -81,26 +97,67 @@ def choose_hardware(train: TrainParams, cuda: bool | None = None) -> Hardware:
     if "paged" in optim or "bnb" in optim or "8bit" in optim:
         fallbacks.append(f"no CUDA: optimizer {optim} replaced by {train.cpu_optim}")
         optim = train.cpu_optim
-    return Hardware("cpu", precision, False, optim, tuple(fallbacks))
+    # On a CPU the eager attention trains these short sequences faster than SDPA's kernels (benchmarks/).
+    attention = "eager" if train.attention == "auto" else train.attention
+    return Hardware("cpu", precision, False, optim, tuple(fallbacks), attention)
 
 
-def load_causal_lm(path: str | Path, hardware: Hardware | None = None, dtype: torch.dtype = torch.float32):
+def corrupt_safetensors(folder: Path) -> Path | None:
+    """The first ``*.safetensors`` file in ``folder`` whose header does not parse or whose data is cut short."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return None
+
+
+def _load_error(folder: Path, err: Exception, restore: str) -> PipelineError:
+    bad = corrupt_safetensors(folder)
+    if bad is not None:
+        return PipelineError(f"{bad}: corrupt or truncated safetensors file; restore it with {restore}")
+    return PipelineError(f"{folder}: cannot load the weights: {str(err).strip().splitlines()[0]}")
+
+
+def _restore_hint(path: Path) -> str:
+    return f"`dvc checkout {path}` (or `dvc pull {path}`), or rerun the stage that writes it"
+
+
+def load_causal_lm(
+    path: str | Path, hardware: Hardware | None = None, dtype: torch.dtype = torch.float32, attention: str = "sdpa"
+):
     """Load a base model from safetensors, 4-bit where the hardware asks for it. Never remote code."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+    kwargs: dict = {
+        "dtype": dtype,
+        "trust_remote_code": False,
+        "use_safetensors": True,
+        "attn_implementation": attention,
+    }
     if hardware is not None and hardware.quantize_4bit:
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if hardware.precision == "bf16" else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_use_double_quant=True
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_use_double_quant=True,
+            # FSDP and DeepSpeed ZeRO-3 shard the 4-bit weights as tensors of this dtype (PEFT's QLoRA guides).
+            bnb_4bit_quant_storage=compute,
         )
         kwargs["dtype"] = compute
+        if hardware.device_map is not None:
+            kwargs["device_map"] = hardware.device_map
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise PipelineError(f"{path}: cannot load the model: {err}") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _load_error(Path(path), err, _restore_hint(Path(path))) from None
 
 
 def require_adapter(adapter: Path) -> Path:
@@ -110,13 +167,41 @@ def require_adapter(adapter: Path) -> Path:
     return Path(adapter)
 
 
-def load_for_inference(base: str | Path, adapter: str | Path | None = None):
-    """The base model in fp32 (fast on CPUs without AVX-512), with an adapter merged in if given; on a GPU if any."""
-    model = load_causal_lm(base, dtype=torch.float32)
+def tokenizer_dir(base: Path, adapter: Path | None) -> Path:
+    """Where the tokenizer comes from: the adapter folder if it holds one, else the base model."""
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return Path(adapter)
+    return Path(base)
+
+
+def load_for_inference(base: str | Path, adapter: str | Path | None = None, precision: str = "fp32"):
+    """The base model with an adapter merged in if given, on a GPU if there is one.
+
+    fp32 weights on a CPU (bf16 there means autocast, see :func:`inference_precision`); on a GPU, bf16
+    precision loads bf16 weights (fp16 where the GPU has no bf16), half the memory of fp32.
+    """
+    from safetensors import SafetensorError
+
+    cuda = torch.cuda.is_available()
+    dtype = torch.float32
+    if cuda and precision == "bf16":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model = load_causal_lm(base, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, require_adapter(adapter)).merge_and_unload()
-    if torch.cuda.is_available():
+        adapter = require_adapter(Path(adapter))
+        try:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise _load_error(adapter, err, _restore_hint(adapter)) from None
+    if cuda:
         model = model.to("cuda")
     return model.eval()
+
+
+@contextlib.contextmanager
+def inference_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """On a CPU, bf16 autocast around inference when ``precision`` is bf16; nothing otherwise."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" and device.type == "cpu"):
+        yield

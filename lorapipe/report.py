@@ -1,186 +1,39 @@
-"""The report: tables, confusion matrices, training curves and side-by-side answers in one Markdown file.
+"""The report: tables, figures, side-by-side answers, model cards and provenance in one Markdown file.
 
-:func:`load_report_inputs` reads every file; :func:`render_markdown` and :func:`draw_figures` are pure
-functions of what it returns, so a test can render a report from a few fixture values.
+:func:`render_markdown` is a pure function of :class:`~lorapipe.report_inputs.ReportInputs`, so a test can
+render a report from a few fixture values; :func:`write_report` adds the figures and the model cards.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
-import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lorapipe.config import SENTIMENT_LABELS, ReportParams
-from lorapipe.errors import PipelineError
-from lorapipe.io import atomic_dir, read_json, read_jsonl
-from lorapipe.metrics import CONFUSION_LABELS, confusion_matrix
+from lorapipe.figures import BASELINE_TITLE, CONFUSION_PNG, CURVES_PNG, draw_figures
+from lorapipe.io import atomic_dir
+from lorapipe.model_card import CardFacts, describe_source, render_model_card
+from lorapipe.report_inputs import ReportInputs, model_order
 
 log = logging.getLogger(__name__)
 
-MODEL_ORDER = ("base", "sentiment", "mixed")
-BASELINE = "baseline"
-BASELINE_TITLE = "TF-IDF + logistic regression"
-CURVES = ("loss", "learning_rate")
-CONFUSION_PNG = "confusion.png"
-CURVES_PNG = "training_curves.png"
 SCORES = (("accuracy", "Accuracy"), ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall"))
 TEXT_SCORES = (("token_f1", "Token F1"), ("rouge_l", "ROUGE-L"), ("bertscore_f1", "BERTScore F1"))
 COST = (
     ("sentiment", "Tweets, both ways (s)"),
-    ("instructions", "Instructions (s)"),
-    ("out_of_sample", "Out-of-sample (s)"),
+    ("generation", "Instructions, all answers (s)"),
     ("text_scores", "Text scores (s)"),
 )
 TRAINING = (
     ("examples", "Examples"),
     ("steps", "Steps"),
+    ("examples_per_second", "Examples/s"),
     ("tokens_per_second", "Tokens/s"),
     ("wall_seconds", "Wall time (s)"),
     ("peak_memory_mib", "Peak memory (MiB)"),
     ("final_loss", "Final loss"),
 )
-
-
-def _order(name: str) -> tuple[int, str]:
-    return (MODEL_ORDER.index(name) if name in MODEL_ORDER else len(MODEL_ORDER), name)
-
-
-@dataclass(frozen=True)
-class ReportInputs:
-    """Everything the report shows, already read from disk."""
-
-    params: ReportParams
-    metrics: dict[str, dict[str, Any]]
-    baseline: dict[str, Any] | None = None
-    confusion: dict[str, list[list[int]]] = field(default_factory=dict)
-    training: dict[str, dict[str, Any]] = field(default_factory=dict)
-    curves: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
-    out_of_sample: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    params_text: str = ""
-    manifests: dict[str, Any] = field(default_factory=dict)
-    git: dict[str, Any] = field(default_factory=dict)
-    dvc_lock: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
-
-    @property
-    def models(self) -> list[str]:
-        """Evaluated models: base, sentiment, mixed first, then any other in name order."""
-        return sorted(self.metrics, key=_order)
-
-
-# --- reading ----------------------------------------------------------------------------------------------------
-
-
-def read_curve(path: Path) -> list[tuple[float, float]]:
-    """(step, value) pairs of a DVCLive TSV whose value column is named like the file."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    if rows and (path.stem not in rows[0] or "step" not in rows[0]):
-        raise PipelineError(f"{path}: no column 'step' or {path.stem!r}")
-    return [(float(r["step"]), float(r[path.stem])) for r in rows]
-
-
-def read_confusion(path: Path) -> list[list[int]]:
-    """The confusion matrix of a predictions CSV with columns actual and predicted."""
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if rows and not {"actual", "predicted"} <= rows[0].keys():
-        raise PipelineError(f"{path}: no column 'actual' or 'predicted'")
-    return confusion_matrix([r["actual"] for r in rows], [r["predicted"] for r in rows])
-
-
-def find_curve(live_dir: Path, metric: str) -> Path | None:
-    """The per-log training curve of ``metric`` in a DVCLive folder.
-
-    ``plots/metrics/<metric>.tsv`` holds one row per logging step; ``plots/metrics/train/`` holds only the
-    end-of-training summary, a single point.
-    """
-    path = live_dir / "plots" / "metrics" / f"{metric}.tsv"
-    return path if path.exists() else None
-
-
-def git_state(root: Path) -> dict[str, Any]:
-    """The commit the report was made from and whether the work tree differed from it."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
-def dvc_lock_hashes(path: Path) -> dict[str, list[tuple[str, str]]]:
-    """Each stage's outputs in dvc.lock with their content hashes."""
-    if not path.is_file():
-        return {}
-    try:
-        lock = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path}: not valid YAML: {err}") from None
-    return {
-        stage: [(out["path"], out.get("md5", "")) for out in entry.get("outs", [])]
-        for stage, entry in (lock.get("stages") or {}).items()
-    }
-
-
-def load_report_inputs(root: Path, params: ReportParams) -> ReportInputs:
-    """Read the metrics, predictions, training logs and provenance under ``root`` (the repository)."""
-    metrics_dir, predictions = root / "metrics", root / "data" / "predictions"
-    candidates = {p.stem: read_json(p) for p in sorted(metrics_dir.glob("*.json")) if p.stem != BASELINE}
-    metrics = {name: m for name, m in candidates.items() if isinstance(m, dict) and "score" in m.get("sentiment", {})}
-    if not metrics:
-        raise PipelineError(f"{metrics_dir}: no model metrics (run eval_base and eval_all first)")
-    names = list(metrics)
-    baseline_path = metrics_dir / f"{BASELINE}.json"
-    confusion = {}
-    for name in [*names, BASELINE]:
-        path = predictions / name / "confusion.csv"
-        if path.is_file():
-            confusion[name] = read_confusion(path)
-    training, curves = {}, {}
-    for name in names:
-        summary = metrics_dir / f"train_{name}.json"
-        if summary.is_file():
-            training[name] = read_json(summary)
-        found = {metric: find_curve(root / "dvclive" / name, metric) for metric in CURVES}
-        if any(found.values()):
-            curves[name] = {metric: read_curve(path) for metric, path in found.items() if path is not None}
-    out_of_sample = {
-        name: read_jsonl(predictions / name / "out_of_sample.jsonl", ("id", "instruction", "answer"))
-        for name in names
-        if (predictions / name / "out_of_sample.jsonl").is_file()
-    }
-    manifests = {
-        rel: read_json(root / rel)
-        for rel in ("data/raw/manifest.json", "models/base/manifest.json")
-        if (root / rel).is_file()
-    }
-    params_file = root / "params.yaml"
-    return ReportInputs(
-        params=params,
-        metrics=metrics,
-        baseline=read_json(baseline_path) if baseline_path.is_file() else None,
-        confusion=confusion,
-        training=training,
-        curves=curves,
-        out_of_sample=out_of_sample,
-        params_text=params_file.read_text(encoding="utf-8") if params_file.is_file() else "",
-        manifests=manifests,
-        git=git_state(root),
-        dvc_lock=dvc_lock_hashes(root / "dvc.lock"),
-    )
-
-
-# --- rendering --------------------------------------------------------------------------------------------------
+CARDS = "cards"
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -280,7 +133,7 @@ def _training_section(inputs: ReportInputs) -> list[str]:
     if inputs.training:
         rows = [
             [name, *(_number(summary.get(key), 4 if key == "final_loss" else 1) for key, _ in TRAINING)]
-            for name, summary in sorted(inputs.training.items(), key=lambda item: _order(item[0]))
+            for name, summary in sorted(inputs.training.items(), key=lambda item: model_order(item[0]))
         ]
         lines += _table(["Model", *(title for _, title in TRAINING)], rows)
     if inputs.curves:
@@ -322,15 +175,6 @@ def _out_of_sample_section(inputs: ReportInputs) -> list[str]:
     return lines
 
 
-def _source(entry: dict[str, Any]) -> str:
-    kind = entry.get("kind")
-    if kind == "registry":
-        return f"{entry['package']}=={entry['version']} `{entry['member']}` (sha256 {entry['sha256'][:12]})"
-    if kind == "hub":
-        return f"{entry['id']}@{entry['revision']}"
-    return f"`{entry.get('path', '?')}`"
-
-
 def _provenance_section(inputs: ReportInputs) -> list[str]:
     commit = inputs.git.get("commit")
     state = {True: " (work tree dirty: uncommitted changes)", False: " (clean)", None: ""}[inputs.git.get("dirty")]
@@ -341,11 +185,11 @@ def _provenance_section(inputs: ReportInputs) -> list[str]:
         "",
     ]
     sources = []
-    model = inputs.manifests.get("models/base/manifest.json")
-    if model:
-        sources.append([f"base model ({model.get('name', '?')})", _source(model.get("source", {}))])
-    for name, entry in inputs.manifests.get("data/raw/manifest.json", {}).items():
-        sources.append([name, _source(entry)])
+    for manifest in inputs.manifests.values():
+        if "source" in manifest and "name" in manifest:  # the base model's manifest
+            sources.append([f"base model ({manifest['name']})", describe_source(manifest["source"])])
+        else:  # the data manifest: one entry per data set
+            sources += [[name, describe_source(entry)] for name, entry in manifest.items()]
     if sources:
         lines += _table(["Source", "Version"], sources)
     if inputs.dvc_lock:
@@ -354,6 +198,19 @@ def _provenance_section(inputs: ReportInputs) -> list[str]:
     if inputs.params_text:
         lines += ["Parameters (params.yaml):", "", "```yaml", inputs.params_text.rstrip(), "```", ""]
     return lines
+
+
+def _cards_section(inputs: ReportInputs) -> list[str]:
+    names = [name for name in inputs.models if name in inputs.cards]
+    if not names:
+        return []
+    links = ", ".join(f"[{name}]({CARDS}/{name}.md)" for name in names)
+    return ["## Model cards", "", f"Each adapter's card with its evaluation figures: {links}.", ""]
+
+
+def card_with_evaluation(card: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """An adapter's model card (the facts its train stage saved) with its evaluation figures filled in."""
+    return render_model_card(CardFacts(**{**card, "evaluation": metrics}))
 
 
 def render_markdown(inputs: ReportInputs) -> str:
@@ -365,73 +222,22 @@ def render_markdown(inputs: ReportInputs) -> str:
         _training_section,
         _cost_section,
         _out_of_sample_section,
+        _cards_section,
         _provenance_section,
     ):
         lines += section(inputs)
     return "\n".join(lines).rstrip() + "\n"
 
 
-# --- figures ----------------------------------------------------------------------------------------------------
-
-
-def _draw_confusion(confusion: dict[str, list[list[int]]], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    names = sorted(confusion, key=lambda n: (n == BASELINE, _order(n)))
-    figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
-    for axis, name in zip(axes[0], names, strict=True):
-        matrix = confusion[name]
-        axis.imshow(matrix, cmap="Blues")
-        axis.set_xticks(range(len(CONFUSION_LABELS)), CONFUSION_LABELS)
-        axis.set_yticks(range(len(SENTIMENT_LABELS)), SENTIMENT_LABELS)
-        axis.set_xlabel("predicted")
-        axis.set_ylabel("actual")
-        axis.set_title(BASELINE_TITLE if name == BASELINE else name, fontsize=9)
-        peak = max(max(row) for row in matrix) or 1
-        for i, row in enumerate(matrix):
-            for j, count in enumerate(row):
-                axis.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _draw_curves(curves: dict[str, dict[str, list[tuple[float, float]]]], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 3.2), squeeze=False)
-    for axis, metric in zip(axes[0], CURVES, strict=True):
-        for name, series in sorted(curves.items(), key=lambda item: _order(item[0])):
-            if series.get(metric):
-                steps, values = zip(*series[metric], strict=True)
-                axis.plot(steps, values, label=name)
-        axis.set_xlabel("logging step (every train.logging_steps optimizer steps)")
-        axis.set_title(metric.replace("_", " "))
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def draw_figures(inputs: ReportInputs, out: Path) -> list[Path]:
-    """Write the PNGs that :func:`render_markdown` links to; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    written = []
-    if inputs.confusion:
-        _draw_confusion(inputs.confusion, out / CONFUSION_PNG)
-        written.append(out / CONFUSION_PNG)
-    if inputs.curves:
-        _draw_curves(inputs.curves, out / CURVES_PNG)
-        written.append(out / CURVES_PNG)
-    return written
-
-
 def write_report(inputs: ReportInputs, out: Path) -> Path:
-    """Write ``out/report.md`` and its figures, replacing the old folder only when complete."""
+    """Write ``out/report.md``, its figures and the adapters' cards, replacing the old folder only when complete."""
     with atomic_dir(out) as staging:
         figures = draw_figures(inputs, staging)
         (staging / "report.md").write_text(render_markdown(inputs), encoding="utf-8")
-    log.info("wrote %s/report.md and %d figures", out, len(figures))
+        for name, card in inputs.cards.items():
+            (staging / CARDS).mkdir(exist_ok=True)
+            (staging / CARDS / f"{name}.md").write_text(
+                card_with_evaluation(card, inputs.metrics[name]), encoding="utf-8"
+            )
+    log.info("wrote %s/report.md, %d figures and %d model cards", out, len(figures), len(inputs.cards))
     return out / "report.md"

@@ -1,12 +1,16 @@
-"""LoRA/QLoRA supervised fine-tuning with TRL's SFTTrainer, resumable and logged with DVCLive."""
+"""LoRA/QLoRA supervised fine-tuning: load, resume, train, summarise, save.
+
+:func:`train_adapter` reads as the recipe it runs (in the manner of alignment-handbook's ``sft.py``);
+each step is a function below it. The trainer is TRL's SFTTrainer with this project's loss and batching
+(:mod:`lorapipe.trainer`).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
 import logging
+import os
 import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -15,37 +19,90 @@ from typing import Any
 
 import torch
 
+from lorapipe.batching import prefix_key
+from lorapipe.checkpoints import FINGERPRINT, fingerprint, resume_point
 from lorapipe.config import LoraParams, TrainParams
 from lorapipe.errors import PipelineError
-from lorapipe.io import atomic_dir, read_jsonl, sha256_file, write_json
-from lorapipe.modeling import Hardware, choose_hardware, load_causal_lm, load_tokenizer
+from lorapipe.io import atomic_file, read_json, remove_stale_staging, replace_dir, sha256_file, write_json
+from lorapipe.label_head import supports_label_head
+from lorapipe.model_card import CARD_FACTS, CardFacts, render_model_card
+from lorapipe.modeling import Hardware, choose_hardware, load_causal_lm, load_tokenizer, sharded_launch
+from lorapipe.records import read_records
 
 log = logging.getLogger(__name__)
-
-FINGERPRINT = "fingerprint.json"
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Where one training run reads and writes."""
+    """Where one training run reads and writes; ``live_dir`` None: no DVCLive curves."""
 
     name: str
     base_model: Path
     train_file: Path
     adapter_out: Path
     checkpoints: Path
-    live_dir: Path
     summary_out: Path
+    live_dir: Path | None = None
 
 
-def load_conversations(path: Path):
-    """The prompt/completion columns of a chat JSONL file as a datasets.Dataset."""
-    from datasets import Dataset
+def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware: Hardware | None = None) -> dict:
+    """Fine-tune a LoRA adapter on ``job.train_file``; write the adapter, its card, the curves and a summary."""
+    from transformers import set_seed
 
-    rows = read_jsonl(path, required=("prompt", "completion"))
-    if not rows:
-        raise PipelineError(f"{path}: no training records")
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    hardware = hardware or choose_hardware(train)
+    for fallback in hardware.fallbacks:
+        log.warning("fallback: %s", fallback)
+    # Seeded, not torch's deterministic mode: on CPUs it makes bf16 training ~8x slower, and the CPU kernels used
+    # here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
+    set_seed(train.seed)
+    rows = read_records(job.train_file)
+    tokenizer, model = load_model(job.base_model, lora, train, hardware)
+    resume = resume_checkpoint(job, lora, train)
+    trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    summary = summarise(job, trainer, result, hardware, len(rows), time.perf_counter() - started, resume)
+    save_adapter(job, trainer, lora, train, summary, len(rows))
+    return summary
+
+
+def load_model(base: Path, lora: LoraParams, train: TrainParams, hardware: Hardware):
+    """The tokenizer and the base model (4-bit on CUDA), its target modules checked against ``lora``."""
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base, hardware, attention=hardware.attention)
+    check_target_modules(model, lora)
+    if hardware.quantize_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
+    return tokenizer, model
+
+
+def check_target_modules(model, lora: LoraParams) -> None:
+    """Every name in ``lora.target_modules`` must name a module of the model (PEFT errors only if none does)."""
+    if lora.target_modules == "all-linear":
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in lora.target_modules if target not in names]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise PipelineError(
+            f"params.yaml: lora.target_modules: {missing[0]!r} names no module of {type(model).__name__}; "
+            f"its linear modules are {linear}"
+        )
+
+
+def resume_checkpoint(job: TrainJob, lora: LoraParams, train: TrainParams) -> Path | None:
+    """The complete checkpoint of the same inputs to resume from, or None; stamps the folder with the inputs."""
+    expected = fingerprint({"lora": lora.model_dump(), "train": train.model_dump()}, job.train_file, job.base_model)
+    main = int(os.environ.get("RANK", 0)) == 0
+    resume = resume_point(job.checkpoints, expected, remove=main)
+    if main:
+        job.checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json(job.checkpoints / FINGERPRINT, expected)
+    if resume:
+        log.info("resuming from %s", resume)
+    return resume
 
 
 def lora_config(lora: LoraParams):
@@ -74,17 +131,20 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
+        # transformers 5 folded warmup_ratio into warmup_steps: a value below 1 is a share of the steps.
         warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay,
         optim=hardware.optim,
         use_cpu=hardware.device == "cpu",
         bf16=hardware.precision == "bf16",
         fp16=hardware.precision == "fp16",
+        # transformers 5's name for gradient checkpointing.
         activation_checkpointing=train.gradient_checkpointing,
         max_length=train.max_length,
         # Batches of similar lengths: on a CPU every padding token costs as much as a real one.
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         completion_only_loss=True,
+        ddp_find_unused_parameters=False,  # every LoRA weight is used in every forward
         logging_steps=train.logging_steps,
         save_strategy="steps",
         save_steps=train.save_steps,
@@ -96,33 +156,67 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
     )
 
 
-def fingerprint(job: TrainJob, lora: LoraParams, train: TrainParams) -> dict[str, Any]:
-    """What a checkpoint was trained from; a checkpoint of another fingerprint is never resumed."""
-    base_manifest = job.base_model / "manifest.json"
-    inputs = {
-        "lora": lora.model_dump(),
-        "train": train.model_dump(),
-        "data": sha256_file(job.train_file),
-        "base": sha256_file(base_manifest) if base_manifest.exists() else None,
+def use_shared_prefix(train: TrainParams, model) -> bool:
+    """Shared prefixes need the KV cache and a plain projection head, which some settings rule out."""
+    if not train.shared_prefix:
+        return False
+    for reason, applies in (
+        ("gradient checkpointing drops the KV cache", train.gradient_checkpointing),
+        ("FSDP / DeepSpeed shard the layers that would run twice", sharded_launch()),
+        ("the model scales or caps its logits", not supports_label_head(model)),
+    ):
+        if applies:
+            log.warning("fallback: shared_prefix off: %s", reason)
+            return False
+    return True
+
+
+def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, resuming: bool):
+    """SFTTrainer with the label-head loss, prefix-grouped batches and DVCLive curves on the main process."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from lorapipe.trainer import LabelHeadSFTTrainer
+
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    shared = use_shared_prefix(train, model)
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "args": sft_config(train, hardware, job.checkpoints),
+        "train_dataset": dataset,
+        "processing_class": tokenizer,
+        "peft_config": lora_config(lora),
+        "callbacks": live_callbacks(job.live_dir, resuming),
     }
-    inputs["digest"] = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
-    return inputs
+    if supports_label_head(model):
+        keys = [prefix_key(r["prompt"]) for r in rows] if shared else None
+        trainer = LabelHeadSFTTrainer(**kwargs, shared_prefix=shared, group_keys=keys)
+    else:
+        trainer = SFTTrainer(**kwargs)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    log.info(
+        "%s: %d examples, %d trainable of %d parameters (%.2f%%) on %s in %s, %d process(es), shared prefix %s",
+        job.name,
+        len(dataset),
+        trainable,
+        total,
+        100 * trainable / total,
+        hardware.device,
+        hardware.precision,
+        trainer.accelerator.num_processes,
+        "on" if shared else "off",
+    )
+    return trainer
 
 
-def last_checkpoint(checkpoints: Path, expected: dict[str, Any]) -> str | None:
-    """The newest checkpoint to resume from, or None; clears checkpoints of other inputs."""
-    from transformers.trainer_utils import get_last_checkpoint
+def live_callbacks(live_dir: Path | None, resuming: bool) -> list:
+    """transformers' own DVCLive callback with a Live of ours (one folder per model, no dvc.yaml rewrite)."""
+    if live_dir is None or int(os.environ.get("RANK", 0)) != 0:
+        return []
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
 
-    if not checkpoints.is_dir():
-        return None
-    stamp = checkpoints / FINGERPRINT
-    previous = json.loads(stamp.read_text()) if stamp.exists() else None
-    if previous is None or previous.get("digest") != expected["digest"]:
-        if any(checkpoints.iterdir()):
-            log.info("checkpoints in %s come from other params or data: starting over", checkpoints)
-        shutil.rmtree(checkpoints)
-        return None
-    return get_last_checkpoint(str(checkpoints))
+    return [DVCLiveCallback(live=Live(dir=str(live_dir), resume=resuming, dvcyaml=False, save_dvc_exp=False))]
 
 
 def peak_memory_mib(device: str) -> float:
@@ -132,94 +226,75 @@ def peak_memory_mib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware: Hardware | None = None) -> dict:
-    """Fine-tune a LoRA adapter on ``job.train_file``; write the adapter, the curves and a summary."""
-    from dvclive import Live
-    from transformers import set_seed
-    from transformers.integrations import DVCLiveCallback
-    from trl import SFTTrainer
-
-    hardware = hardware or choose_hardware(train)
-    for fallback in hardware.fallbacks:
-        log.warning("fallback: %s", fallback)
-    # Seeded, but not torch's deterministic mode: on CPUs it makes bf16 training ~8x slower, and the CPU kernels
-    # used here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
-    set_seed(train.seed)
-    dataset = load_conversations(job.train_file)
-    tokenizer = load_tokenizer(job.base_model)
-    model = load_causal_lm(job.base_model, hardware)
-    if hardware.quantize_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing)
-
-    expected = fingerprint(job, lora, train)
-    resume = last_checkpoint(job.checkpoints, expected)
-    job.checkpoints.mkdir(parents=True, exist_ok=True)
-    write_json(job.checkpoints / FINGERPRINT, expected)
-    if resume:
-        log.info("resuming from %s", resume)
-
-    # transformers' own DVCLive callback, given a Live of our own: one folder per model, and no dvc.yaml rewrite.
-    live = Live(dir=str(job.live_dir), resume=bool(resume), dvcyaml=False, save_dvc_exp=False)
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(train, hardware, job.checkpoints),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(lora),
-        callbacks=[DVCLiveCallback(live=live)],
-    )
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    log.info(
-        "%s: %d examples, %d trainable of %d parameters (%.2f%%) on %s in %s",
-        job.name,
-        len(dataset),
-        trainable,
-        total,
-        100 * trainable / total,
-        hardware.device,
-        hardware.precision,
-    )
-
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    wall = time.perf_counter() - started
-
+def summarise(job, trainer, result, hardware: Hardware, examples: int, wall: float, resume: Path | None) -> dict:
     state = trainer.state
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     tokens = int(state.num_input_tokens_seen)
+    trainable, _ = trainer.model.get_nb_trainable_parameters()
     summary = {
         "model": job.name,
-        "examples": len(dataset),
+        "examples": examples,
         "steps": state.global_step,
         "epochs": state.epoch,
         "tokens_seen": tokens,
         "tokens_per_second": round(tokens / wall, 1) if wall else None,
+        "examples_per_second": round(examples * (state.epoch or 0) / wall, 2) if wall else None,
         "wall_seconds": round(wall, 1),
         "peak_memory_mib": round(peak_memory_mib(hardware.device), 1),
         "final_loss": losses[-1] if losses else None,
         "mean_loss": result.training_loss,
-        "resumed_from": Path(resume).name if resume else None,
+        "resumed_from": resume.name if resume else None,
         "device": hardware.device,
         "precision": hardware.precision,
         "quantized_4bit": hardware.quantize_4bit,
         "optim": hardware.optim,
+        "attention": hardware.attention,
+        "shared_prefix": getattr(trainer, "shared_prefix", False),
+        "processes": trainer.accelerator.num_processes,
         "fallbacks": list(hardware.fallbacks),
         "trainable_parameters": trainable,
     }
-    if trainer.is_world_process_zero():
-        with atomic_dir(job.adapter_out) as staging:
-            trainer.model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-        write_json(job.summary_out, summary)
     log.info(
-        "%s: %d steps, %d tokens in %.0f s (%.0f tok/s), final loss %s",
+        "%s: %d steps, %d tokens in %.0f s (%.0f tok/s, %.2f examples/s), final loss %s",
         job.name,
         summary["steps"],
         tokens,
         wall,
         summary["tokens_per_second"] or 0,
+        summary["examples_per_second"] or 0,
         summary["final_loss"],
     )
     return summary
+
+
+def save_adapter(job: TrainJob, trainer, lora, train, summary: dict, examples: int) -> None:
+    """The adapter with its tokenizer and model card, then the summary; each replaces the old one only when whole.
+
+    Every process calls this: under FSDP, saving gathers the shards; only the main process writes files.
+    """
+    staging = job.adapter_out.with_name(f".{job.adapter_out.name}.saving")
+    main = trainer.is_world_process_zero()
+    if main:
+        remove_stale_staging(job.adapter_out)
+    trainer.accelerator.wait_for_everyone()
+    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(staging))  # the adapter, its config and the tokenizer
+    if not main:
+        return
+    manifest = job.base_model / "manifest.json"
+    facts = CardFacts(
+        name=job.name,
+        base_model=read_json(manifest) if manifest.exists() else {"name": str(job.base_model)},
+        train_file=str(job.train_file),
+        train_sha256=sha256_file(job.train_file),
+        examples=examples,
+        lora=lora.model_dump(),
+        train=train.model_dump(),
+        summary=summary,
+    )
+    (staging / "README.md").write_text(render_model_card(facts), encoding="utf-8")
+    write_json(staging / CARD_FACTS, dataclasses.asdict(facts))  # the report renders the card again with evaluation
+    replace_dir(staging, job.adapter_out)
+    with atomic_file(job.summary_out) as tmp:
+        write_json(tmp, summary)

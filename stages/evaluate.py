@@ -1,9 +1,12 @@
-"""eval_base / eval_all: score models on the held-out tweets and instructions.
+"""eval_base / eval_all: score one model on the held-out tweets and instructions.
 
-    python stages/evaluate.py base              # the base model alone, plus the TF-IDF baseline
-    python stages/evaluate.py sentiment mixed   # the base model with each adapter in models/adapters/<name>
+    python stages/evaluate.py --base models/base [--adapter models/adapters/sentiment] \
+        --tweets data/prepared/sentiment_test.jsonl --instructions data/prepared/instructions_test.jsonl \
+        --out-of-sample data/prepared/out_of_sample.jsonl --metrics metrics/sentiment.json \
+        --predictions data/predictions/sentiment [--baseline-train data/prepared/sentiment_train.jsonl \
+        --baseline-metrics metrics/baseline.json --baseline-predictions data/predictions/baseline]
 
-Each model writes metrics/<name>.json and data/predictions/<name>/; only ``eval`` params are read.
+Reads only the ``eval`` params. With the --baseline-* arguments it also scores the TF-IDF baseline.
 """
 
 from __future__ import annotations
@@ -16,49 +19,43 @@ from pathlib import Path
 from lorapipe.config import load_params
 from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
 from lorapipe.io import run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter
+from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
 
 log = logging.getLogger("lorapipe.stages.evaluate")
-
-PREPARED = Path("data/prepared")
-BASE = Path("models/base")
-ADAPTERS = Path("models/adapters")
-METRICS = Path("metrics")
-PREDICTIONS = Path("data/predictions")
-
-
-def adapter_dir(name: str) -> Path | None:
-    """No adapter for ``base``; otherwise models/adapters/<name>, checked before any model is loaded."""
-    return None if name == "base" else require_adapter(ADAPTERS / name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="+", help="base, or adapter names under models/adapters")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--base", type=Path, required=True, help="the base model folder")
+    parser.add_argument("--adapter", type=Path, help="an adapter folder; none to score the base model alone")
+    parser.add_argument("--tweets", type=Path, required=True, help="held-out tweet records")
+    parser.add_argument("--instructions", type=Path, required=True, help="held-out instruction records")
+    parser.add_argument("--out-of-sample", type=Path, required=True, help="out-of-sample instruction prompts")
+    parser.add_argument("--metrics", type=Path, required=True, help="the metrics JSON to write")
+    parser.add_argument("--predictions", type=Path, required=True, help="the predictions folder to write")
+    parser.add_argument("--baseline-train", type=Path, help="training tweets for the TF-IDF baseline")
+    parser.add_argument("--baseline-metrics", type=Path)
+    parser.add_argument("--baseline-predictions", type=Path)
     args = parser.parse_args()
+    baseline = (args.baseline_train, args.baseline_metrics, args.baseline_predictions)
+    if any(baseline) and not all(baseline):
+        parser.error("--baseline-train, --baseline-metrics and --baseline-predictions go together")
 
     def body() -> None:
         params = load_params(args.params).eval
-        adapters = {name: adapter_dir(name) for name in args.names}
-        data = load_eval_data(PREPARED, params)
-        if "base" in adapters:
-            train = load_sentiment(PREPARED / "sentiment_train.jsonl")
-            write_outputs(evaluate_baseline(train, data.sentiment), METRICS / "baseline.json", PREDICTIONS / "baseline")
-        tokenizer = load_tokenizer(BASE, padding_side="left")
-        for name, adapter in adapters.items():
-            started = time.perf_counter()
-            model = load_for_inference(BASE, adapter)
-            log.info(
-                "%s: loaded %s%s in %.1f s",
-                name,
-                BASE,
-                f" + {adapter}" if adapter else "",
-                time.perf_counter() - started,
-            )
-            write_outputs(evaluate_model(model, tokenizer, data, params), METRICS / f"{name}.json", PREDICTIONS / name)
+        adapter = require_adapter(args.adapter) if args.adapter else None
+        data = load_eval_data(args.tweets, args.instructions, args.out_of_sample, params)
+        if args.baseline_train:
+            train = load_sentiment(args.baseline_train)
+            write_outputs(evaluate_baseline(train, data.sentiment), args.baseline_metrics, args.baseline_predictions)
+        started = time.perf_counter()
+        model = load_for_inference(args.base, adapter, params.precision)
+        tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")
+        log.info("loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started)
+        write_outputs(evaluate_model(model, tokenizer, data, params), args.metrics, args.predictions)
 
-    run_stage(f"evaluate {' '.join(args.names)}", body)
+    run_stage(f"evaluate {args.adapter or args.base}", body)
 
 
 if __name__ == "__main__":

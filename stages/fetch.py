@@ -1,4 +1,7 @@
-"""fetch: raw tweets and instructions into data/raw/, the base model as safetensors into models/base/."""
+"""fetch: raw tweets and instructions into one folder, the base model as safetensors into another.
+
+python stages/fetch.py --params params.yaml --data-out data/raw --model-out models/base
+"""
 
 from __future__ import annotations
 
@@ -6,23 +9,18 @@ import argparse
 from pathlib import Path
 
 from lorapipe.config import load_params
-from lorapipe.fetching import fetch_data, fetch_model
+from lorapipe.fetching import fetch_all
 from lorapipe.io import run_stage
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data-out", type=Path, default=Path("data/raw"))
-    parser.add_argument("--model-out", type=Path, default=Path("models/base"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--data-out", type=Path, required=True, help="folder for the tweets, instructions, manifest")
+    parser.add_argument("--model-out", type=Path, required=True, help="folder for the base model")
     args = parser.parse_args()
 
-    def body() -> None:
-        params = load_params(args.params)
-        fetch_data(params.data, args.data_out)
-        fetch_model(params.model, args.model_out)
-
-    run_stage("fetch", body)
+    run_stage("fetch", lambda: fetch_all(load_params(args.params), args.data_out, args.model_out))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""instructify: tweets and instructions from data/raw/ to chat-format splits in data/prepared/."""
+"""instructify: raw tweets and instructions to chat-format train/test splits.
+
+    python stages/instructify.py --params params.yaml --raw data/raw \
+        --out-of-sample data/out_of_sample.yaml --out data/prepared
+"""
 
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ from lorapipe.io import run_stage
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
-    parser.add_argument("--out-of-sample", type=Path, default=Path("data/out_of_sample.yaml"))
-    parser.add_argument("--out", type=Path, default=Path("data/prepared"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--raw", type=Path, required=True, help="the fetch stage's data folder")
+    parser.add_argument("--out-of-sample", type=Path, required=True, help="the hand-written instructions (YAML)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the record files and stats.json")
     args = parser.parse_args()
     run_stage("instructify", lambda: instructify(load_params(args.params), args.raw, args.out, args.out_of_sample))
 

@@ -1,8 +1,14 @@
-"""report: one Markdown report with figures from every model's metrics, predictions and training logs.
+"""report: one Markdown report with figures and model cards from every model's metrics, predictions and logs.
 
-    python stages/report.py     # writes report/report.md and its PNGs
+    python stages/report.py --params params.yaml --out report \
+        --model base=metrics/base.json,data/predictions/base \
+        --model sentiment=metrics/sentiment.json,data/predictions/sentiment \
+        --training sentiment=metrics/train_sentiment.json --curves sentiment=dvclive/sentiment \
+        --card sentiment=models/adapters/sentiment/card.json \
+        --baseline metrics/baseline.json,data/predictions/baseline \
+        --manifest data/raw/manifest.json --manifest models/base/manifest.json --lock dvc.lock
 
-Reads only the ``report`` params (the whole params.yaml is printed in the report for the record).
+Reads the ``report`` params; prints the whole params file in the report for the record.
 """
 
 from __future__ import annotations
@@ -12,20 +18,58 @@ from pathlib import Path
 
 from lorapipe.config import load_params
 from lorapipe.io import run_stage
-from lorapipe.report import load_report_inputs, write_report
+from lorapipe.report import write_report
+from lorapipe.report_inputs import ModelFiles, ReportSources, load_report_inputs
+
+
+def paths(value: str, count: int) -> list[Path]:
+    parts = value.split(",")
+    if len(parts) != count or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected {count} comma-separated paths, got {value!r}")
+    return [Path(p) for p in parts]
+
+
+def named(count: int):
+    """An argparse type for NAME=PATH[,PATH]: (name, paths)."""
+
+    def parse(value: str) -> tuple[str, list[Path]]:
+        name, sep, rest = value.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+        return name, paths(rest, count)
+
+    return parse
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, default=Path("report"))
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the report folder to write")
+    parser.add_argument("--model", type=named(2), action="append", required=True, help="NAME=METRICS,PREDICTIONS")
+    parser.add_argument("--training", type=named(1), action="append", default=[], help="NAME=TRAINING_SUMMARY")
+    parser.add_argument("--curves", type=named(1), action="append", default=[], help="NAME=DVCLIVE_FOLDER")
+    parser.add_argument("--card", type=named(1), action="append", default=[], help="NAME=ADAPTER_FOLDER/card.json")
+    parser.add_argument("--baseline", type=lambda v: paths(v, 2), help="METRICS,PREDICTIONS of the TF-IDF baseline")
+    parser.add_argument("--manifest", type=Path, action="append", default=[], help="a fetch manifest")
+    parser.add_argument("--lock", type=Path, help="dvc.lock, for the output hashes in the provenance section")
     args = parser.parse_args()
-
-    def body() -> None:
-        params = load_params(args.params).report
-        write_report(load_report_inputs(Path("."), params), args.out)
-
-    run_stage("report", body)
+    extras = {
+        option: {name: found[0] for name, found in getattr(args, option)} for option in ("training", "curves", "card")
+    }
+    sources = ReportSources(
+        models={
+            name: ModelFiles(
+                metrics, predictions, extras["training"].get(name), extras["curves"].get(name), extras["card"].get(name)
+            )
+            for name, (metrics, predictions) in args.model
+        },
+        baseline_metrics=args.baseline[0] if args.baseline else None,
+        baseline_predictions=args.baseline[1] if args.baseline else None,
+        manifests=tuple(args.manifest),
+        params_file=args.params,
+        lock_file=args.lock,
+    )
+    run_stage("report", lambda: write_report(load_report_inputs(sources, load_params(args.params).report), args.out))
 
 
 if __name__ == "__main__":

@@ -1,37 +1,49 @@
 """train_sentiment / train_mixed: a LoRA adapter on one chat-format train file.
 
-Runs as is on one device, or under ``accelerate launch stages/train.py ...`` on several.
+    python stages/train.py --params params.yaml --name sentiment --base models/base \
+        --train-file data/prepared/sentiment_train.jsonl --adapter-out models/adapters/sentiment \
+        --checkpoints models/checkpoints/sentiment --live-dir dvclive/sentiment \
+        --summary metrics/train_sentiment.json --processes 1 --accelerate-config configs/accelerate/ddp.yaml
+
+With --processes above 1 it runs itself under ``accelerate launch`` with that config (DDP, FSDP or ZeRO-3).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from lorapipe.config import load_params
 from lorapipe.io import run_stage
+from lorapipe.launch import launched, relaunch
 from lorapipe.training import TrainJob, train_adapter
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("name", help="the model's name: sentiment or mixed")
-    parser.add_argument("--train-file", type=Path, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--base", type=Path, default=Path("models/base"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--name", required=True, help="the model's name: sentiment or mixed")
+    parser.add_argument("--base", type=Path, required=True, help="the base model folder")
+    parser.add_argument("--train-file", type=Path, required=True, help="prompt/completion training records")
+    parser.add_argument("--adapter-out", type=Path, required=True, help="the adapter folder to write")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (kept across runs)")
+    parser.add_argument("--live-dir", type=Path, required=True, help="DVCLive folder for the training curves")
+    parser.add_argument("--summary", type=Path, required=True, help="the training summary JSON to write")
+    parser.add_argument("--processes", type=int, required=True, help="training processes (train.processes)")
+    parser.add_argument("--accelerate-config", type=Path, required=True, help="used when --processes > 1")
     args = parser.parse_args()
     job = TrainJob(
-        name=args.name,
-        base_model=args.base,
-        train_file=args.train_file,
-        adapter_out=Path("models/adapters") / args.name,
-        checkpoints=Path("models/checkpoints") / args.name,
-        live_dir=Path("dvclive") / args.name,
-        summary_out=Path("metrics") / f"train_{args.name}.json",
+        args.name, args.base, args.train_file, args.adapter_out, args.checkpoints, args.summary, args.live_dir
     )
 
     def body() -> None:
         params = load_params(args.params)
+        if args.processes > 1 and not launched():
+            status = relaunch(args.accelerate_config, args.processes, sys.argv)
+            if status:
+                sys.exit(status)
+            return
         train_adapter(job, params.lora, params.train)
 
     run_stage(f"train_{args.name}", body)

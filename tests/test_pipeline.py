@@ -61,13 +61,12 @@ def test_dvc_repro_mix_builds_the_data_stages(repo):
     output = run(["dvc", "repro", "mix"], repo)
     assert stages_run(output) == {"fetch", "instructify", "mix"}
     stats = json.loads((repo / "data" / "mixed" / "stats.json").read_text())
-    assert stats == {
-        "size": 20,
-        "sentiment": 15,
-        "instructions": 5,
-        "instruction_share": 0.25,
-        "labels": stats["labels"],
-    }
+    rows = [json.loads(line) for line in (repo / "data" / "mixed" / "train.jsonl").read_text().splitlines()]
+    tweets = [r for r in rows if r["source"] == "sentiment"]
+    labels = {label: sum(r["label"] == label for r in tweets) for label in ("negative", "positive")}
+    assert len(rows) == 20 and len(tweets) == 15
+    assert stats == {"size": 20, "sentiment": 15, "instructions": 5, "instruction_share": 0.25, "labels": labels}
+    assert min(labels.values()) >= 4  # drawn from a balanced train split
     ignored = run(["git", "status", "--porcelain", "--ignored"], repo)
     assert "data/raw" in ignored and "models/base" in ignored
 
@@ -75,14 +74,41 @@ def test_dvc_repro_mix_builds_the_data_stages(repo):
 def test_full_repro_then_nothing_to_do(repo):
     output = run(["dvc", "repro"], repo)
     assert stages_run(output) == {"train_sentiment", "train_mixed", "eval_base", "eval_all", "report"}
-    for name in ("base", "baseline", "sentiment", "mixed"):
-        assert (repo / "metrics" / f"{name}.json").exists()
-    assert (repo / "report" / "report.md").read_text().count("| Model |") >= 1
+    report = (repo / "report" / "report.md").read_text()
+    for name in ("base", "sentiment", "mixed"):
+        score = json.loads((repo / "metrics" / f"{name}.json").read_text())["sentiment"]["score"]
+        row = f"| {name} | " + " | ".join(f"{score[k]:.3f}" for k in ("accuracy", "f1", "precision", "recall")) + " |"
+        assert row in report
+    tfidf = json.loads((repo / "metrics" / "baseline.json").read_text())["sentiment"]["tfidf"]
+    assert f"| TF-IDF + logistic regression (baseline) | {tfidf['accuracy']:.3f} |" in report
+    assert (repo / "report" / "cards" / "sentiment.md").read_text().count("held-out tweets (label scoring)") == 1
+    assert (repo / "models" / "adapters" / "mixed" / "README.md").read_text().startswith("---\nlibrary_name: peft")
     assert stages_run(run(["dvc", "repro"], repo)) == set()
     shown = run(["dvc", "metrics", "show", "--json"], repo)
     assert all(f"metrics/{name}.json" in shown for name in ("base", "sentiment", "mixed"))
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "tiny results"], repo)
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return {name.split(":")[-1] for name in json.loads(run(["dvc", "status", "--json"], repo))}
+
+
+def test_editing_any_lorapipe_module_changes_exactly_the_stages_that_import_it(repo):
+    from test_dvc_yaml import STAGES, lorapipe_closure, scripts
+
+    users = {name: set().union(*(lorapipe_closure(s) for s in scripts(stage))) for name, stage in STAGES.items()}
+    assert changed_stages(repo) == set()
+    for module in sorted((repo / "lorapipe").glob("*.py")):
+        relative = f"lorapipe/{module.name}"
+        original = module.read_text()
+        module.write_text(original + "# an edited comment\n")
+        try:
+            expected = {name for name, modules in users.items() if relative in modules}
+            assert changed_stages(repo) == expected, relative
+        finally:
+            module.write_text(original)
+    assert changed_stages(repo) == set()
 
 
 def test_exp_run_lora_rank_reruns_only_what_reads_lora(repo):

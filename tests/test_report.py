@@ -6,11 +6,19 @@ from pathlib import Path
 
 import yaml
 
+from conftest import ROOT
 from lorapipe.config import ReportParams
 from lorapipe.io import write_json, write_jsonl
-from lorapipe.report import ReportInputs, dvc_lock_hashes, find_curve, load_report_inputs, render_markdown, write_report
+from lorapipe.report import render_markdown, write_report
+from lorapipe.report_inputs import (
+    ModelFiles,
+    ReportInputs,
+    ReportSources,
+    dvc_lock_hashes,
+    find_curve,
+    load_report_inputs,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 PARAMS = ReportParams(
     title="Tiny study",
@@ -27,7 +35,7 @@ def model_metrics(accuracy: float, token_f1: float) -> dict:
         "sentiment": {"generate": {**scores, "accuracy": accuracy - 0.1, "no_label_rate": 0.042}, "score": scores},
         "instructions": {"token_f1": token_f1, "rouge_l": 0.2, "bertscore_f1": 0.6},
         "examples": {"sentiment": 4, "instructions": 2, "out_of_sample": 2},
-        "seconds": {"sentiment": 100.04, "instructions": 60.0, "out_of_sample": 20.0, "text_scores": 3.0},
+        "seconds": {"sentiment": 100.04, "generation": 80.0, "text_scores": 3.0},
         "speed": {"sentiment_examples_per_second": 10.0, "generated_tokens_per_second": 75.25},
     }
 
@@ -64,6 +72,19 @@ def write_repo(root: Path) -> Path:
                 "final_loss": 0.2123,
             },
         )
+        write_json(
+            root / "models" / "adapters" / name / "card.json",
+            {
+                "name": name,
+                "base_model": {"name": "SmolLM2", "source": {"kind": "hub", "id": "org/model", "revision": "abc123"}},
+                "train_file": f"data/{name}.jsonl",
+                "train_sha256": "cd" * 32,
+                "examples": 100,
+                "lora": {"r": 8},
+                "train": {"learning_rate": 0.001},
+                "summary": {"steps": 13, "final_loss": 0.2123},
+            },
+        )
         curves = root / "dvclive" / name / "plots" / "metrics"
         curves.mkdir(parents=True)
         (curves / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t5\t0.9\n2\t10\t0.4\n")
@@ -86,7 +107,6 @@ def write_repo(root: Path) -> Path:
     )
     (root / "data" / "predictions" / "baseline").mkdir()
     (root / "data" / "predictions" / "baseline" / "confusion.csv").write_text("actual,predicted\nnegative,negative\n")
-    write_json(root / "metrics" / "stats.json", {"rows": 3})  # not a model's metrics: ignored
     (root / "params.yaml").write_text("eval:\n  batch_size: 32\n")
     (root / "dvc.lock").write_text(
         yaml.safe_dump(
@@ -101,9 +121,32 @@ def write_repo(root: Path) -> Path:
     return root
 
 
+def sources(root: Path, models=tuple(SCORES)) -> ReportSources:
+    """The report's inputs as dvc.yaml names them, under ``root``."""
+    adapters = {"sentiment", "mixed"}
+    return ReportSources(
+        models={
+            name: ModelFiles(
+                root / "metrics" / f"{name}.json",
+                root / "data" / "predictions" / name,
+                root / "metrics" / f"train_{name}.json" if name in adapters else None,
+                root / "dvclive" / name if name in adapters else None,
+                root / "models" / "adapters" / name / "card.json" if name in adapters else None,
+            )
+            for name in models
+        },
+        baseline_metrics=root / "metrics" / "baseline.json",
+        baseline_predictions=root / "data" / "predictions" / "baseline",
+        manifests=(root / "data" / "raw" / "manifest.json", root / "models" / "base" / "manifest.json"),
+        params_file=root / "params.yaml",
+        lock_file=root / "dvc.lock",
+        repository=root,
+    )
+
+
 def test_report_from_fixture_files(tmp_path):
     root = write_repo(tmp_path / "repo")
-    inputs = load_report_inputs(root, PARAMS)
+    inputs = load_report_inputs(sources(root), PARAMS)
     assert inputs.models == ["base", "sentiment", "mixed"]
     assert inputs.confusion["base"] == [[1, 0, 1], [1, 1, 0]]
     assert inputs.confusion["baseline"] == [[0, 0, 0], [0, 1, 0]]
@@ -122,8 +165,8 @@ def test_report_from_fixture_files(tmp_path):
     assert "| sentiment | 0.764 | 0.500 | 0.250 | 0.125 | 0.042 |" in text
     assert "| Model | Token F1 | ROUGE-L | BERTScore F1 |" in text
     assert "| mixed | 0.790 | 0.200 | 0.600 |" in text
-    assert "| sentiment | 100 | 13 | 201.5 | 61.0 | 2210.4 | 0.2123 |" in text
-    assert "| base | 100.0 | 60.0 | 20.0 | 3.0 | 10.0 | 75.2 |" in text
+    assert "| sentiment | 100 | 13 | - | 201.5 | 61.0 | 2210.4 | 0.2123 |" in text
+    assert "| base | 100.0 | 80.0 | 3.0 | 10.0 | 75.2 |" in text
     assert "| base | sentiment | mixed |" in text
     assert "| base says \\| hi<br>there | sentiment says \\| hi<br>there | mixed says \\| hi<br>there |" in text
     assert "### tone" not in text  # report.examples = 1
@@ -136,10 +179,23 @@ def test_report_from_fixture_files(tmp_path):
         assert f"]({figure})" in text
         assert (tmp_path / "report" / figure).read_bytes().startswith(PNG)
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "cards",
         "confusion.png",
         "report.md",
         "training_curves.png",
     ]
+    assert "[sentiment](cards/sentiment.md), [mixed](cards/mixed.md)" in text
+    card = (tmp_path / "report" / "cards" / "sentiment.md").read_text()
+    assert "On 4 held-out tweets (label scoring): accuracy 0.864, F1 0.500, precision 0.250, recall 0.125." in card
+    assert "token_f1 0.853" in card and "org/model@abc123" in card
+
+
+def test_only_the_models_named_are_reported(tmp_path):
+    root = write_repo(tmp_path / "repo")
+    write_json(root / "metrics" / "other.json", model_metrics(0.99, 0.99))  # on disk, but not named
+    inputs = load_report_inputs(sources(root, ("base", "sentiment")), PARAMS)
+    assert inputs.models == ["base", "sentiment"]
+    assert "other" not in render_markdown(inputs)
 
 
 def test_render_is_pure_and_skips_missing_sections():
@@ -163,13 +219,15 @@ def test_curve_lookup_takes_the_per_log_curve_not_the_summary_and_lock_reading(t
     assert dvc_lock_hashes(tmp_path / "dvc.lock") == {}
 
 
-def test_report_stage_writes_the_report(tmp_path):
+def test_report_stage_writes_the_report_from_the_command_in_dvc_yaml(tmp_path):
     root = write_repo(tmp_path)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = yaml.safe_load((ROOT / "profiles" / "embedded.yaml").read_text())
     params["report"] = json.loads(PARAMS.model_dump_json())
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    command = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]["cmd"].split()
+    assert command[:2] == ["python", "stages/report.py"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "report.py")],
+        [sys.executable, str(ROOT / "stages" / "report.py"), *command[2:]],
         cwd=root,
         capture_output=True,
         text=True,
@@ -177,5 +235,7 @@ def test_report_stage_writes_the_report(tmp_path):
         env={**os.environ, "MPLBACKEND": "Agg"},
     )
     assert done.returncode == 0, done.stderr
-    assert (root / "report" / "report.md").read_text().startswith("# Tiny study")
-    assert (root / "report" / "confusion.png").is_file()
+    text = (root / "report" / "report.md").read_text()
+    assert text.startswith("# Tiny study")
+    assert "| mixed | 0.812 | 0.500 | 0.250 | 0.125 |" in text
+    assert (root / "report" / "confusion.png").is_file() and (root / "report" / "cards" / "mixed.md").is_file()

@@ -1,15 +1,20 @@
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import NEGATIVE, POSITIVE, tiny_params
+from conftest import ROOT, sentiment_rows, tiny_params
 from lorapipe.config import parse_params
+from lorapipe.errors import PipelineError
 from lorapipe.io import read_json, write_jsonl
 from lorapipe.modeling import choose_hardware, load_for_inference, load_tokenizer
-from lorapipe.prompts import record, sentiment_prompt
 from lorapipe.training import TrainJob, lora_config, sft_config, train_adapter
 
 
@@ -18,25 +23,18 @@ def params(tmp_path):
     return parse_params(tiny_params(tmp_path, tmp_path, tmp_path))
 
 
-def sentiment_rows(params, n: int = 32) -> list[dict]:
-    words = [(w, "positive") for w in POSITIVE] + [(w, "negative") for w in NEGATIVE]
-    return [
-        record(sentiment_prompt(words[i % len(words)][0], params.prompt), words[i % len(words)][1]) for i in range(n)
-    ]
-
-
-def make_job(tmp_path: Path, base: Path, params, name: str = "sentiment") -> TrainJob:
+def make_job(tmp_path: Path, base: Path, params, name: str = "sentiment", live: bool = True) -> TrainJob:
     train_file = tmp_path / "train.jsonl"
     if not train_file.exists():
-        write_jsonl(train_file, sentiment_rows(params))
+        write_jsonl(train_file, sentiment_rows(params.prompt))
     return TrainJob(
         name=name,
         base_model=base,
         train_file=train_file,
         adapter_out=tmp_path / "adapters" / name,
         checkpoints=tmp_path / "checkpoints" / name,
-        live_dir=tmp_path / "dvclive" / name,
         summary_out=tmp_path / "metrics" / f"train_{name}.json",
+        live_dir=tmp_path / "dvclive" / name if live else None,
     )
 
 
@@ -58,7 +56,7 @@ def trainer_for(tiny_model, params, rows):
 
 def test_loss_counts_the_answer_and_the_end_of_turn_only(tiny_model, params):
     tokenizer = load_tokenizer(tiny_model)
-    rows = sentiment_rows(params, 4)
+    rows = sentiment_rows(params.prompt, 4)
     trainer = trainer_for(tiny_model, params, rows)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -74,40 +72,51 @@ def test_loss_counts_the_answer_and_the_end_of_turn_only(tiny_model, params):
     assert padded.any() and (batch["labels"][padded] == -100).all()
 
 
-def test_cpu_fallback_is_logged_once_per_change(params, caplog):
+def test_cpu_fallbacks_are_named(params):
     hardware = choose_hardware(params.train, cuda=False)
-    assert (hardware.device, hardware.precision, hardware.quantize_4bit, hardware.optim) == (
+    assert (hardware.device, hardware.precision, hardware.quantize_4bit, hardware.optim, hardware.attention) == (
         "cpu",
-        "bf16",
+        params.train.cpu_precision,
         False,
-        "adamw_torch",
+        params.train.cpu_optim,
+        "eager",
     )
-    assert len(hardware.fallbacks) == 3
-    assert choose_hardware(params.train, cuda=True).quantize_4bit
-    assert choose_hardware(params.train, cuda=True).optim == "paged_adamw_32bit"
+    assert [f.split(":")[0] for f in hardware.fallbacks] == ["no CUDA"] * 3
+    cuda = choose_hardware(params.train, cuda=True)
+    assert cuda.quantize_4bit and cuda.optim == params.train.optim and cuda.attention == "sdpa"
+    assert cuda.device_map == {"": 0}  # a 4-bit model is placed on this process's GPU
     fp32 = params.train.model_copy(update={"cpu_precision": "fp32", "optim": "adamw_torch", "quantization": "none"})
     assert choose_hardware(fp32, cuda=False).precision == "fp32"
     assert len(choose_hardware(fp32, cuda=False).fallbacks) == 1
 
 
-def test_training_lowers_the_loss_and_the_adapter_reloads_and_changes_output(tmp_path, tiny_model, params, caplog):
+def test_training_lowers_the_loss_and_writes_adapter_card_and_curves(tmp_path, tiny_model, params, caplog):
     train = params.train.model_copy(update={"epochs": 3, "learning_rate": 1e-2})
     lora = params.lora.model_copy(update={"target_modules": "all-linear"})
     job = make_job(tmp_path, tiny_model, params)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         summary = train_adapter(job, lora, train)
-    assert any("fallback: no CUDA" in message for message in caplog.messages)
+    assert any(r.levelname == "WARNING" and "fallback: no CUDA" in r.message for r in caplog.records)
+    assert any("shared prefix on" in r.message for r in caplog.records)
     curve = (job.live_dir / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
     losses = [float(line.split("\t")[-1]) for line in curve[1:]]
     assert losses[-1] < losses[0] * 0.7
     assert read_json(job.summary_out) == summary
     assert summary["steps"] == 24 and summary["tokens_seen"] > 0 and summary["peak_memory_mib"] > 0
+    assert summary["shared_prefix"] is True and summary["processes"] == 1
     assert (job.adapter_out / "adapter_model.safetensors").exists()
     assert (job.adapter_out / "tokenizer.json").exists()
 
+    card = (job.adapter_out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n")
+    for fact in (str(tiny_model), str(job.train_file), "32 prompt/completion records", "r: 8", "learning_rate: 0.01"):
+        assert fact in card, fact
+    assert f"{summary['steps']} optimizer steps" in card and "metrics/sentiment.json" in card
+    assert json.loads((job.adapter_out / "card.json").read_text())["examples"] == 32
+
     tokenizer = load_tokenizer(tiny_model)
     inputs = tokenizer.apply_chat_template(
-        sentiment_rows(params, 1)[0]["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        sentiment_rows(params.prompt, 1)[0]["prompt"], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
     with torch.inference_mode():
         base_logits = load_for_inference(tiny_model)(**inputs).logits
@@ -117,13 +126,21 @@ def test_training_lowers_the_loss_and_the_adapter_reloads_and_changes_output(tmp
 
 def test_same_params_give_the_same_adapter(tmp_path, tiny_model, params):
     train = params.train.model_copy(update={"max_steps": 3})
-    first = make_job(tmp_path / "a", tiny_model, params)
-    second = make_job(tmp_path / "b", tiny_model, params)
+    first = make_job(tmp_path / "a", tiny_model, params, live=False)
+    second = make_job(tmp_path / "b", tiny_model, params, live=False)
     train_adapter(first, params.lora, train)
     train_adapter(second, params.lora, train)
     a = load_file(first.adapter_out / "adapter_model.safetensors")
     b = load_file(second.adapter_out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_target_module_the_model_lacks_is_named(tmp_path, tiny_model, params):
+    lora = params.lora.model_copy(update={"target_modules": ["q_proj", "query_key_value"]})
+    job = make_job(tmp_path, tiny_model, params)
+    with pytest.raises(PipelineError, match=r"lora\.target_modules: 'query_key_value' names no module of"):
+        train_adapter(job, lora, params.train)
+    assert not job.adapter_out.exists()
 
 
 class Interrupt(Exception):
@@ -136,28 +153,73 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
     train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
     job = make_job(tmp_path, tiny_model, params)
 
-    class StopAfterFour(TrainerCallback):
+    class StopAfterFive(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 5:
                 raise Interrupt
 
-    import trl
+    import lorapipe.trainer
 
-    original = trl.SFTTrainer.__init__
+    original = lorapipe.trainer.LabelHeadSFTTrainer.__init__
 
     def with_interrupt(self, *args, **kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), StopAfterFour()]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), StopAfterFive()]
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(trl.SFTTrainer, "__init__", with_interrupt)
+    monkeypatch.setattr(lorapipe.trainer.LabelHeadSFTTrainer, "__init__", with_interrupt)
     with pytest.raises(Interrupt):
         train_adapter(job, params.lora, train)
     assert not job.adapter_out.exists()
     assert sorted(p.name for p in job.checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(trl.SFTTrainer, "__init__", original)
+    monkeypatch.setattr(lorapipe.trainer.LabelHeadSFTTrainer, "__init__", original)
 
     summary = train_adapter(job, params.lora, train)
     assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 6
 
     changed = params.lora.model_copy(update={"r": 4})
     assert train_adapter(job, changed, train)["resumed_from"] is None
+
+
+KILL_WHILE_SAVING = """
+import os, signal, sys
+from pathlib import Path
+from transformers import Trainer
+from lorapipe.config import load_params
+from lorapipe.training import TrainJob, train_adapter
+
+save = Trainer._save_optimizer_and_scheduler
+def killed_mid_save(self, output_dir):
+    if output_dir.endswith("checkpoint-4"):  # the adapter weights are written, the rest is not
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, output_dir)
+Trainer._save_optimizer_and_scheduler = killed_mid_save
+params = load_params(sys.argv[1])
+job = TrainJob(sys.argv[2], *map(Path, sys.argv[3:8]))
+train_adapter(job, params.lora, params.train.model_copy(update={"max_steps": 6, "save_steps": 2}))
+"""
+
+
+def test_a_checkpoint_cut_off_by_kill_9_is_removed_and_the_previous_one_resumed(tmp_path, tiny_model, params, caplog):
+    import yaml
+
+    job = make_job(tmp_path, tiny_model, params, live=False)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(json.loads(params.model_dump_json())))
+    paths = [job.name, job.base_model, job.train_file, job.adapter_out, job.checkpoints, job.summary_out]
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_WHILE_SAVING, str(params_file), *map(str, paths)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    partial = job.checkpoints / "checkpoint-4"
+    assert (partial / "adapter_model.safetensors").exists() and not (partial / "trainer_state.json").exists()
+
+    train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
+    with caplog.at_level(logging.WARNING):
+        summary = train_adapter(job, params.lora, train)
+    assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 6
+    assert any("checkpoint-4: written only in part" in r.message for r in caplog.records)

@@ -1,0 +1,260 @@
+"""Shared-prefix decoding: label log-likelihoods and greedy answers from one prefill per batch.
+
+All prompts of a test file start with the same tokens (the system turn and the instruction up to
+the tweet). Their KV cache is computed once and copied into every batch, so each batch runs only
+the part after it. Batches are sorted by length; the rows are padded on the left *after* the
+shared prefix (``[prefix | pad | suffix]``) with explicit position ids, so every row ends at the
+last column: the next-token logits that score the labels are also the first greedy step, and the
+greedy loop continues from the same cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorapipe.config import SENTIMENT_LABELS
+from lorapipe.metrics import parse_label
+from lorapipe.records import Conversation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SentimentPrediction:
+    """One tweet's result both ways: label log-likelihoods and a parsed greedy answer."""
+
+    logprobs: dict[str, float]
+    score_label: str
+    answer: str
+    generated_label: str | None
+
+
+@dataclass(frozen=True)
+class Generated:
+    texts: list[str]
+    new_tokens: int
+
+
+@dataclass(frozen=True)
+class _State:
+    """What greedy decoding continues from: the KV cache, the attention mask so far and each row's next position."""
+
+    cache: Any
+    mask: torch.Tensor
+    next_position: torch.Tensor
+
+
+def render(tokenizer, conversations: Sequence[Conversation]) -> list[str]:
+    """Each conversation rendered by the chat template, ending with the assistant header."""
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    # The chat template writes any BOS token itself.
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens all sequences share, leaving at least one token in each."""
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    length = 0
+    while length < limit and all(s[length] == first[length] for s in sequences):
+        length += 1
+    return length
+
+
+class Prefix:
+    """The KV cache of the tokens every prompt starts with, computed once and copied per batch."""
+
+    def __init__(self, model, ids: Sequence[int]):
+        self.length = len(ids)
+        self.cache = None
+        if ids:
+            inputs = torch.tensor([list(ids)], device=model.device)
+            self.cache = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=True).past_key_values
+
+    def for_batch(self, size: int):
+        if self.cache is None:
+            return None
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(size)
+        return cache
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """A prefilled batch: the rows' indices in the input, their tokens after the prefix, next-token logits, state."""
+
+    rows: list[int]
+    prefix: Prefix
+    suffixes: list[list[int]]
+    logits: torch.Tensor
+    state: _State
+
+
+def _prefill(
+    model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int, keep: int = 1
+) -> tuple[torch.Tensor, _State]:
+    """Run ``[prefix | pad | suffix]`` rows; return the logits of the last ``keep`` columns and the decoding state."""
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for row, suffix in enumerate(suffixes):
+        ids[row, width - len(suffix) :] = torch.tensor(suffix)
+        suffix_mask[row, width - len(suffix) :] = 1
+    # Positions count real tokens only, as if unpadded; a pad's position is irrelevant as no token attends to it.
+    positions = (prefix.length + suffix_mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
+    mask = torch.cat([torch.ones((len(suffixes), prefix.length), dtype=torch.long), suffix_mask], dim=1)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=prefix.for_batch(len(suffixes)),
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+    return out.logits, _State(out.past_key_values, mask, positions[:, -1] + 1)
+
+
+def _prefilled_batches(
+    model, ids: list[list[int]], batch_size: int, pad_id: int, share_prefix: bool, what: str
+) -> Iterator[_Batch]:
+    """Length-sorted batches, prefilled after the shared prefix; logs examples/s as the caller consumes them."""
+    prefix = Prefix(model, ids[0][: common_prefix_length(ids)] if share_prefix else [])
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    started, done = time.perf_counter(), 0
+    log.info("%s: %d prompts, %d shared prefix tokens, batches of %d", what, len(ids), prefix.length, batch_size)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        suffixes = [ids[i][prefix.length :] for i in rows]
+        logits, state = _prefill(model, prefix, suffixes, pad_id)
+        yield _Batch(rows, prefix, suffixes, logits[:, -1], state)
+        done += len(rows)
+        log.info("%s: %d/%d (%.1f examples/s)", what, done, len(ids), done / (time.perf_counter() - started))
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """The end-of-turn tokens: the generation config's EOS ids and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _greedy(model, logits: torch.Tensor, state: _State, max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+    """Greedy decoding on from prefilled next-token logits; each row's tokens up to (not including) a stop token.
+
+    A row that stops leaves the batch (and the cache), so long answers do not drag finished ones along.
+    """
+    stop = torch.tensor(sorted(stops), device=logits.device)
+    cache, mask, position = state.cache, state.mask, state.next_position
+    live = list(range(logits.shape[0]))
+    tokens: list[list[int]] = [[] for _ in live]
+    token = logits.argmax(-1)
+    for step in range(max_new_tokens):
+        for row, value in zip(live, token.tolist(), strict=True):
+            tokens[row].append(value)
+        going = ~torch.isin(token, stop)
+        if not going.any() or step + 1 == max_new_tokens:
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            mask, position, token = mask[keep], position[keep], token[keep]
+            live = [live[i] for i in keep.tolist()]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache, position, token = out.past_key_values, position + 1, out.logits[:, -1].argmax(-1)
+    return [row[:-1] if row[-1] in stops else row for row in tokens]
+
+
+def label_token_ids(tokenizer, prompt: str, label: str) -> list[int]:
+    """The tokens of ``label`` as an answer right after a rendered prompt, as training tokenizes it."""
+    prompt_ids, full = encode(tokenizer, [prompt, prompt + label])
+    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        return full[len(prompt_ids) :]
+    return encode(tokenizer, [label])[0]
+
+
+def _label_logprobs(model, batch: _Batch, label_ids: dict[str, list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sum of log-probabilities of each label's tokens; one extra teacher-forced pass per multi-token label."""
+    first = torch.log_softmax(batch.logits.float(), dim=-1)
+    scores = {}
+    for label, tokens in label_ids.items():
+        if len(tokens) == 1:
+            scores[label] = first[:, tokens[0]]
+            continue
+        logits, _ = _prefill(model, batch.prefix, [s + tokens[:-1] for s in batch.suffixes], pad_id, keep=len(tokens))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        scores[label] = logprobs[:, torch.arange(len(tokens)), torch.tensor(tokens)].sum(-1)
+    return scores
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.inference_mode()
+def predict_sentiment(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    batch_size: int,
+    max_new_tokens: int,
+    labels: Sequence[str] = SENTIMENT_LABELS,
+    share_prefix: bool = True,
+) -> list[SentimentPrediction]:
+    """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill."""
+    texts = render(tokenizer, conversations)
+    ids = encode(tokenizer, texts)
+    label_ids = {label: label_token_ids(tokenizer, texts[0], label) for label in labels}
+    pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
+    results: list[SentimentPrediction | None] = [None] * len(ids)
+    for batch in _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment"):
+        scores = _label_logprobs(model, batch, label_ids, pad_id)
+        answers = _greedy(model, batch.logits, batch.state, max_new_tokens, stops)
+        for j, row in enumerate(batch.rows):
+            logprobs = {label: float(scores[label][j]) for label in labels}
+            answer = tokenizer.decode(answers[j], skip_special_tokens=True).strip()
+            results[row] = SentimentPrediction(logprobs, max(logprobs, key=logprobs.get), answer, parse_label(answer))
+    return results
+
+
+@torch.inference_mode()
+def generate_answers(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    batch_size: int,
+    max_new_tokens: int,
+    share_prefix: bool = True,
+    what: str = "generation",
+) -> Generated:
+    """Greedy answers to each conversation, decoded without special tokens."""
+    ids = encode(tokenizer, render(tokenizer, conversations))
+    pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
+    texts: list[str] = [""] * len(ids)
+    new_tokens = 0
+    for batch in _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, what):
+        answers = _greedy(model, batch.logits, batch.state, max_new_tokens, stops)
+        for row, answer in zip(batch.rows, answers, strict=True):
+            texts[row] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+            new_tokens += len(answer)
+    return Generated(texts, new_tokens)

@@ -1,0 +1,110 @@
+"""The training forward: the LM head on label positions only, and the batch's shared prefix run once.
+
+Two costs of a plain causal-LM forward buy nothing in completion-only training of short answers:
+
+* the LM head (hidden -> vocabulary) on every position, when only the few answer positions carry
+  loss (TRL's chunked head scores every position on a CPU);
+* the tokens every row of the batch starts with (the system turn and the instruction up to the tweet),
+  computed once per row.
+
+:func:`add_label_head` patches a causal LM so that ``model(..., label_head=True, labels=...)`` runs the
+shared prefix once (batch 1) with a KV cache, broadcasts its keys and values to the rows with
+``expand`` (no copy; autograd sums the rows' gradients back), runs only the suffixes with positions
+that continue after the prefix, and projects only the hidden states that predict a label. The loss
+and the gradients equal those of the plain padded batch (``tests/test_label_head.py``); the call goes
+through the model's own ``forward`` so PEFT and DDP wrappers see it as one forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LabelHeadOutput:
+    """Summed over the label tokens of the batch: the loss (divided by ``num_items_in_batch``), counts for logging."""
+
+    loss: torch.Tensor
+    label_tokens: torch.Tensor
+    correct_tokens: torch.Tensor
+    prefix_length: int
+
+
+def shared_prefix_length(input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many leading tokens every row shares, ending before the last prompt token of the earliest answer.
+
+    The hidden state of the token before each label must come from the suffix pass, so the prefix stops
+    one token short of the first position that carries a label in any row. 0 when there is nothing to share.
+    """
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(dim=0).long()
+    common = int(same.cumprod(dim=0).sum())
+    has_label = labels != -100
+    if not has_label.any():
+        return 0
+    first_label = int(has_label.long().argmax(dim=1)[has_label.any(dim=1)].min())
+    return max(0, min(common, first_label - 1, input_ids.shape[1] - 1))
+
+
+def _backbone_hidden(backbone, input_ids, attention_mask, prefix_length: int) -> torch.Tensor:
+    """Last hidden states of positions ``prefix_length`` onwards, the prefix run once if it is not empty."""
+    if prefix_length == 0:
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    rows, width = input_ids.shape
+    prefix = backbone(
+        input_ids=input_ids[:1, :prefix_length], attention_mask=attention_mask[:1, :prefix_length], use_cache=True
+    )
+    cache = prefix.past_key_values
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+    positions = torch.arange(prefix_length, width, device=input_ids.device).expand(rows, -1)
+    return backbone(
+        input_ids=input_ids[:, prefix_length:],
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+
+
+def add_label_head(model) -> None:
+    """Patch ``model`` (a causal LM, before or after PEFT wraps it) with the label-head forward above."""
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, label_head: bool = False, prefix_length: int = 0, num_items_in_batch=None, **kwargs):
+        if not label_head:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original_forward(*args, **kwargs)
+        input_ids, attention_mask, labels = kwargs["input_ids"], kwargs["attention_mask"], kwargs["labels"]
+        hidden = _backbone_hidden(self.base_model, input_ids, attention_mask, prefix_length)
+        # hidden[:, j] is position prefix_length + j and predicts the token after it.
+        targets = labels[:, prefix_length + 1 :]
+        wanted = targets != -100
+        head = self.get_output_embeddings()
+        logits = head(hidden[:, :-1][wanted].to(head.weight.device)).float()
+        chosen = targets[wanted].to(logits.device)
+        loss_sum = torch.nn.functional.cross_entropy(logits, chosen, reduction="sum")
+        count = wanted.sum()
+        denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return LabelHeadOutput(
+            loss=loss_sum / denominator,
+            label_tokens=count.detach(),
+            correct_tokens=(logits.detach().argmax(-1) == chosen).sum(),
+            prefix_length=prefix_length,
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+def supports_label_head(model) -> bool:
+    """Models whose logits are a plain projection of the last hidden state (no soft-capping or scaling)."""
+    config = model.config.get_text_config()
+    return not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))

@@ -1,0 +1,72 @@
+"""TRL's SFTTrainer with this project's training forward and batching.
+
+SFTTrainer keeps what it does well: tokenising prompt/completion records, the completion mask,
+checkpoints, resumption, logging callbacks, distributed launch. Two things change:
+
+* the loss: :mod:`lorapipe.label_head` (LM head on label positions only, shared prefix once per batch)
+  instead of TRL's chunked head, which on a CPU projects every position onto the vocabulary;
+* the order: :mod:`lorapipe.batching` groups alike records into batches when the prefix is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from trl import SFTTrainer
+
+from lorapipe.batching import GroupedSampler
+from lorapipe.label_head import add_label_head, shared_prefix_length
+
+log = logging.getLogger(__name__)
+
+
+class LabelHeadSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss comes from the label-head forward; ``group_keys`` (one per example) turn on grouping."""
+
+    def __init__(self, *args, shared_prefix: bool, group_keys: Sequence[str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.shared_prefix = shared_prefix
+        self.group_keys = list(group_keys) if group_keys is not None else None
+        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_label_head(causal_lm)
+        self.prefix_tokens_saved = 0
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.group_keys is None or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return GroupedSampler(
+            self.group_keys,
+            lengths,
+            self.args.per_device_train_batch_size,
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            self.args.train_sampling_strategy == "group_by_length",
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        prefix = shared_prefix_length(inputs["input_ids"], inputs["labels"]) if self.shared_prefix else 0
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=inputs["labels"],
+            label_head=True,
+            prefix_length=prefix,
+            num_items_in_batch=num_items_in_batch,
+        )
+        loss = outputs.loss
+        # As Trainer.compute_loss: num_items_in_batch counts every rank's tokens and DDP averages the gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        self.prefix_tokens_saved += prefix * (inputs["input_ids"].shape[0] - 1)
+        labelled = self.accelerator.gather_for_metrics(outputs.label_tokens).sum()
+        correct = self.accelerator.gather_for_metrics(outputs.correct_tokens).sum()
+        self._metrics[mode]["mean_token_accuracy"].append((correct / labelled).item() if labelled > 0 else 0.0)
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss

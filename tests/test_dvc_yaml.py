@@ -1,0 +1,131 @@
+"""dvc.yaml is honest: each stage's deps list exactly the lorapipe modules its script runs, and its cmd every path.
+
+Imports are read with ``ast`` (nothing is executed): a script's modules are those it imports, directly or
+through other lorapipe modules, including imports inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = DVC["stages"]
+PARAMS = yaml.safe_load((ROOT / "profiles" / "embedded.yaml").read_text())
+
+
+def render(text: str) -> str:
+    """DVC's ${section.key} templating, from the embedded profile."""
+
+    def value(match: re.Match) -> str:
+        node = PARAMS
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    return re.sub(r"\$\{([^}]+)\}", value, text)
+
+
+def module_path(name: str) -> Path | None:
+    parts = name.split(".")
+    file = ROOT.joinpath(*parts).with_suffix(".py")
+    package = ROOT.joinpath(*parts) / "__init__.py"
+    return file if file.is_file() else package if package.is_file() else None
+
+
+def direct_imports(path: Path) -> set[Path]:
+    """The lorapipe modules (and the packages they sit in) that ``path`` imports anywhere in its code."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "lorapipe"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lorapipe":
+            found.add(node.module)
+            found |= {
+                f"{node.module}.{alias.name}" for alias in node.names if module_path(f"{node.module}.{alias.name}")
+            }
+    modules = set()
+    for name in found:
+        parts = name.split(".")
+        modules |= {module_path(".".join(parts[:i])) for i in range(1, len(parts) + 1)} - {None}
+    return modules
+
+
+def lorapipe_closure(script: Path) -> set[str]:
+    """Every lorapipe module ``script`` runs, as paths relative to the repository."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for module in direct_imports(todo.pop()) - seen:
+            seen.add(module)
+            todo.append(module)
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def scripts(stage: dict) -> list[Path]:
+    commands = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+    return sorted({ROOT / word for command in commands for word in command.split() if word.startswith("stages/")})
+
+
+def paths_of(entries: list) -> list[str]:
+    return [render(next(iter(e)) if isinstance(e, dict) else e) for e in entries]
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_deps_list_exactly_the_lorapipe_modules_the_stage_runs(name):
+    stage = STAGES[name]
+    used = set().union(*(lorapipe_closure(script) for script in scripts(stage)))
+    declared = {dep for dep in paths_of(stage["deps"]) if dep.startswith("lorapipe/")}
+    assert not used - declared, f"stage {name} runs {sorted(used - declared)} but dvc.yaml does not declare them"
+    assert not declared - used, f"stage {name} declares {sorted(declared - used)} but never imports them"
+    assert {str(s.relative_to(ROOT)) for s in scripts(stage)} <= set(paths_of(stage["deps"]))
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_every_path_the_stage_reads_or_writes_is_in_its_cmd(name):
+    stage = STAGES[name]
+    commands = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
+    words = {piece for command in commands for word in render(command).split() for piece in re.split(r"[=,]", word)}
+    data = [d for d in paths_of(stage["deps"]) if not d.startswith(("lorapipe/", "stages/", "configs/"))]
+    written = paths_of(stage.get("outs", [])) + paths_of(stage.get("metrics", []))
+    for path in data + written:
+        inside = any(path == word or path.startswith(word.rstrip("/") + "/") for word in words)
+        assert inside, f"stage {name}: {path} is not named by its cmd"
+    assert "params.yaml" in words
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "stages").glob("*.py")), ids=lambda p: p.name)
+def test_stage_scripts_hold_no_path_constants_or_path_defaults(script):
+    tree = ast.parse(script.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            defaults = [k.value for k in node.keywords if k.arg == "default"]
+            assert all(isinstance(d, ast.List) and not d.elts for d in defaults), (
+                f"{script.name}: an argument has a default; dvc.yaml passes every path"
+            )
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert not re.match(r"^(data|models|metrics|report|dvclive)/", node.value), (
+                f"{script.name}: path constant {node.value!r}"
+            )
+
+
+def test_the_report_gets_its_models_from_dvc_yaml():
+    command = STAGES["report"]["cmd"]
+    assert [m.split("=")[0] for m in re.findall(r"--model (\S+)", command)] == ["base", "sentiment", "mixed"]
+    source = (ROOT / "lorapipe" / "report_inputs.py").read_text() + (ROOT / "lorapipe" / "report.py").read_text()
+    assert "glob(" not in source
+
+
+def test_the_train_stages_take_the_process_count_and_config_from_params():
+    for name in ("train_sentiment", "train_mixed"):
+        command = STAGES[name]["cmd"]
+        assert "--processes ${train.processes}" in command
+        assert "--accelerate-config ${train.accelerate_config}" in command
+        assert "${train.accelerate_config}" in STAGES[name]["deps"]
+        assert (ROOT / render("${train.accelerate_config}")).is_file()

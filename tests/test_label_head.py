@@ -1,0 +1,107 @@
+"""The training forward: the shared prefix once per batch and the LM head on label positions only change nothing.
+
+Loss and LoRA gradients of the label-head forward (with and without a shared prefix) equal those of the
+model's own forward with labels on the same padded batch, in fp32 with dropout 0, for batches of tweets,
+of instructions and of both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import instruction_rows, sentiment_rows, tiny_params
+from lorapipe.batching import grouped_batches, prefix_key
+from lorapipe.config import parse_params
+from lorapipe.label_head import shared_prefix_length
+from lorapipe.modeling import choose_hardware, load_causal_lm, load_tokenizer
+from lorapipe.trainer import LabelHeadSFTTrainer
+from lorapipe.training import lora_config, sft_config
+
+
+@pytest.fixture(scope="module")
+def params(tmp_path_factory):
+    raw = tiny_params(Path("m"), Path("t.csv"), Path("i.json"))
+    raw["lora"].update(dropout=0.0, target_modules="all-linear")
+    raw["train"].update(cpu_precision="fp32")
+    return parse_params(raw)
+
+
+def make_trainer(tiny_model, params, rows, shared_prefix: bool) -> LabelHeadSFTTrainer:
+    from datasets import Dataset
+
+    hardware = choose_hardware(params.train, cuda=False)
+    torch.manual_seed(0)
+    config = lora_config(params.lora)
+    config.init_lora_weights = False  # random B as well as A, so every LoRA weight gets a gradient
+    return LabelHeadSFTTrainer(
+        model=load_causal_lm(tiny_model, attention="eager"),
+        args=sft_config(params.train, hardware, Path("/tmp/unused")),
+        train_dataset=Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]),
+        processing_class=load_tokenizer(tiny_model),
+        peft_config=config,
+        shared_prefix=shared_prefix,
+    )
+
+
+def loss_and_grads(model, compute) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = compute()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+BATCHES = {
+    "tweets": lambda prompt: sentiment_rows(prompt, 6),
+    "instructions": lambda prompt: instruction_rows(prompt, 5),
+    "mixed": lambda prompt: sentiment_rows(prompt, 3) + instruction_rows(prompt, 3),
+}
+
+
+@pytest.mark.parametrize("kind", BATCHES)
+def test_loss_and_lora_gradients_equal_the_plain_batch(tiny_model, params, kind):
+    rows = BATCHES[kind](params.prompt)
+    trainer = make_trainer(tiny_model, params, rows, shared_prefix=True)
+    model = trainer.model.train()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    assert (batch["attention_mask"] == 0).any()  # rows of different lengths, padded
+
+    prefix = shared_prefix_length(batch["input_ids"], batch["labels"])
+    assert prefix > (20 if kind == "tweets" else 5)  # the system turn at least; for tweets the instruction too
+
+    def plain():  # the model's own forward and loss
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+    reference, reference_grads = loss_and_grads(model, plain)
+    for shared in (True, False):
+        trainer.shared_prefix = shared
+        loss, grads = loss_and_grads(model, lambda: trainer.compute_loss(model, batch))
+        assert loss == pytest.approx(reference, rel=1e-5)
+        assert grads.keys() == reference_grads.keys() and len(grads) > 0
+        for name, grad in grads.items():
+            assert torch.allclose(grad, reference_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_the_prefix_stops_before_the_last_prompt_token_of_the_earliest_answer():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 9], [1, 2, 3, 4, 5, 9]])
+    labels = torch.tensor([[-100, -100, -100, -100, 5, 9], [-100, -100, -100, -100, -100, 9]])
+    # Every token is shared, but position 3 predicts the first answer token (5): the prefix ends before it.
+    assert shared_prefix_length(ids, labels) == 3
+    assert shared_prefix_length(torch.tensor([[7, 2, 3], [8, 2, 3]]), labels[:, :3]) == 0
+    assert shared_prefix_length(ids[:1], labels[:1]) == 0  # one row: nothing to share
+
+
+def test_batches_group_alike_prompts_and_keep_every_example_once(params):
+    rows = sentiment_rows(params.prompt, 10) + instruction_rows(params.prompt, 7)
+    keys = [prefix_key(r["prompt"]) for r in rows]
+    assert len(set(keys[:10])) == 1 and len(set(keys[10:])) == 3
+    lengths = [len(r["prompt"][-1]["content"]) for r in rows]
+    batches = grouped_batches(keys, lengths, batch_size=4, seed=1)
+    assert sorted(i for b in batches for i in b) == list(range(17))
+    assert all(len(b) == 4 for b in batches[:-1]) and len(batches[-1]) == 1
+    tweet_batches = [b for b in batches if all(i < 10 for i in b)]
+    assert len(tweet_batches) == 2  # 10 tweets fill two whole batches; the other 2 join the rest
+    assert grouped_batches(keys, lengths, 4, seed=1) == batches != grouped_batches(keys, lengths, 4, seed=2)
