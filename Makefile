@@ -16,7 +16,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
+# params.yaml is validated before DVC runs: DVC deletes a stage's outputs before running it, so a bad value
+# caught inside a stage would already have cost them (README: When a stage fails).
 repro: setup
+	$(BIN)/python -m lorapipe.config params.yaml
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
 test: setup

@@ -38,10 +38,11 @@ class LabelHeadSFTTrainer(SFTTrainer):
         if self.group_keys is None or dataset is None:
             return super()._get_train_sampler(train_dataset)
         lengths = [len(ids) for ids in dataset["input_ids"]]
+        # Batches of the global size: each process takes its share of one, as one process would take all of it.
         return GroupedSampler(
             self.group_keys,
             lengths,
-            self.args.per_device_train_batch_size,
+            self.args.per_device_train_batch_size * self.args.world_size,
             self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             self.args.train_sampling_strategy == "group_by_length",
         )

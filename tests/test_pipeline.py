@@ -124,6 +124,15 @@ def restore_head(repo: Path) -> None:
     run(["dvc", "checkout", "--force"], repo)
 
 
+def test_exp_run_with_two_processes_reruns_only_training_and_what_follows(repo):
+    restore_head(repo)
+    output = run(["dvc", "exp", "run", "-S", "train.processes=2", "--name", "two-processes"], repo)
+    assert stages_run(output) == {"train_sentiment", "train_mixed", "eval_all", "report"}
+    assert "launching 2 processes" in output
+    for name in ("sentiment", "mixed"):
+        assert json.loads((repo / "metrics" / f"train_{name}.json").read_text())["processes"] == 2
+
+
 def test_push_and_pull_through_a_local_remote(repo, tmp_path):
     restore_head(repo)
     run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "storage")], repo)
@@ -141,6 +150,38 @@ def test_push_and_pull_through_a_local_remote(repo, tmp_path):
         ["python", "-m", "lorapipe.chat", "--adapter", "models/adapters/sentiment", "--tweet", "love this"], clone
     )
     assert answer.strip()
+
+
+def test_an_experiment_travels_through_git_and_dvc_remotes_to_another_machine(repo, tmp_path):
+    """Run on one machine, `dvc exp push`; on another (a fresh clone), `dvc exp pull`, show and apply."""
+    restore_head(repo)  # HEAD names the DVC remote (the test before committed it), as a GPU machine's clone would
+    run(["dvc", "exp", "run", "-S", "lora.r=4", "--name", "travel"], repo)
+    origin = tmp_path / "origin.git"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    run(["git", "remote", "add", "origin", str(origin)], repo)
+    run(["git", "push", "-q", "origin", "main"], repo)
+    run(["dvc", "exp", "push", "origin", "travel"], repo)  # the experiment's Git ref and its outputs' cache
+
+    other = tmp_path / "other-machine"
+    run(["git", "clone", "-q", str(origin), str(other)], tmp_path)
+    assert "travel" not in run(["dvc", "exp", "list", "--name-only"], other)
+    run(["dvc", "exp", "pull", "origin", "travel"], other)
+    table = run(["dvc", "exp", "show", "--csv", "--keep", "lora.r"], other)
+    assert "travel" in table
+    run(["dvc", "exp", "apply", "travel"], other)
+    assert yaml.safe_load((other / "params.yaml").read_text())["lora"]["r"] == 4
+    for name in ("sentiment", "mixed"):
+        assert (other / "metrics" / f"train_{name}.json").read_text() == run(
+            ["git", "show", f"{exp_ref(repo, 'travel')}:metrics/train_{name}.json"], repo
+        )
+        config = json.loads((other / "models" / "adapters" / name / "adapter_config.json").read_text())
+        assert config["r"] == 4
+    assert "up to date" in run(["dvc", "status"], other).lower()
+
+
+def exp_ref(repo: Path, name: str) -> str:
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).split()
+    return next(ref for ref in refs if ref.endswith(f"/{name}"))
 
 
 def test_s3_push_interrupted_then_retried_and_pulled_into_a_fresh_clone(repo, tmp_path, monkeypatch):
