@@ -193,6 +193,12 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
         trainer = LabelHeadSFTTrainer(**kwargs, shared_prefix=shared, group_keys=keys)
     else:
         trainer = SFTTrainer(**kwargs)
+    if hardware.quantize_4bit and hardware.precision == "fp16":
+        # TRL casts QLoRA adapters to bf16 (the QLoRA paper's choice); fp16 mixed precision needs them in fp32,
+        # where its gradient scaler works (PEFT's default for adapters).
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info(
         "%s: %d examples, %d trainable of %d parameters (%.2f%%) on %s in %s, %d process(es), shared prefix %s",
