@@ -13,14 +13,14 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lorapipe.config import SENTIMENT_LABELS
-from lorapipe.metrics import parse_label
+from lorapipe.metrics import label_is_settled, parse_label
 from lorapipe.records import Conversation
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,18 @@ def stop_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _greedy(model, logits: torch.Tensor, state: _State, max_new_tokens: int, stops: set[int]) -> list[list[int]]:
+def _greedy(
+    model,
+    logits: torch.Tensor,
+    state: _State,
+    max_new_tokens: int,
+    stops: set[int],
+    finished: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
     """Greedy decoding on from prefilled next-token logits; each row's tokens up to (not including) a stop token.
 
-    A row that stops leaves the batch (and the cache), so long answers do not drag finished ones along.
+    A row that stops, or whose tokens ``finished`` accepts, leaves the batch (and the cache), so long answers
+    do not drag finished ones along.
     """
     stop = torch.tensor(sorted(stops), device=logits.device)
     cache, mask, position = state.cache, state.mask, state.next_position
@@ -165,6 +173,8 @@ def _greedy(model, logits: torch.Tensor, state: _State, max_new_tokens: int, sto
         for row, value in zip(live, token.tolist(), strict=True):
             tokens[row].append(value)
         going = ~torch.isin(token, stop)
+        if finished is not None:
+            going &= torch.tensor([not finished(tokens[row]) for row in live], device=going.device)
         if not going.any() or step + 1 == max_new_tokens:
             break
         if not going.all():
@@ -221,15 +231,21 @@ def predict_sentiment(
     labels: Sequence[str] = SENTIMENT_LABELS,
     share_prefix: bool = True,
 ) -> list[SentimentPrediction]:
-    """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill."""
+    """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
+
+    The answer stops at the end-of-turn token, after ``max_new_tokens``, or as soon as its first label word is
+    settled (:func:`~lorapipe.metrics.label_is_settled`): the generated label is the same as the full answer's.
+    """
     texts = render(tokenizer, conversations)
     ids = encode(tokenizer, texts)
     label_ids = {label: label_token_ids(tokenizer, texts[0], label) for label in labels}
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     results: list[SentimentPrediction | None] = [None] * len(ids)
+    # An answer stops once it names a label for good: the generated label is then what the whole answer gives.
+    settled = lambda tokens: label_is_settled(tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: E731
     for batch in _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment"):
         scores = _label_logprobs(model, batch, label_ids, pad_id)
-        answers = _greedy(model, batch.logits, batch.state, max_new_tokens, stops)
+        answers = _greedy(model, batch.logits, batch.state, max_new_tokens, stops, settled)
         for j, row in enumerate(batch.rows):
             logprobs = {label: float(scores[label][j]) for label in labels}
             answer = tokenizer.decode(answers[j], skip_special_tokens=True).strip()

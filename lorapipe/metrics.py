@@ -33,6 +33,13 @@ def parse_label(answer: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def label_is_settled(answer: str) -> bool:
+    """Whether :func:`parse_label` of any continuation of ``answer`` is already decided: its first label word
+    is followed by a character that is not a letter, so no later text can change or precede it."""
+    match = _LABEL_WORD.search(answer)
+    return match is not None and match.end() < len(answer)
+
+
 def classification_metrics(actual: Sequence[str], predicted: Sequence[str | None]) -> dict[str, float]:
     """Accuracy and the positive class's F1, precision and recall; a missing prediction counts as wrong."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support

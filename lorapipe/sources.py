@@ -102,7 +102,7 @@ def _not_matching(patterns: tuple[str, ...]):
 
 
 def fetch_hub_dataset(source: HubSource, dest: Path, field: str) -> dict:
-    """Save one split of a hub data set at a pinned revision as JSONL."""
+    """Save one split of a hub data set at a pinned revision as JSONL; the manifest records the commit it read."""
     import datasets
 
     log.info("downloading data set %s@%s split %s from the hub", source.id, source.revision, source.split)
@@ -117,6 +117,26 @@ def fetch_hub_dataset(source: HubSource, dest: Path, field: str) -> dict:
             )
     except ValueError as err:  # an unknown split or subset
         raise PipelineError(f"{source.id}@{source.revision} ({field}.split / .subset): {err}") from None
+    except RuntimeError as err:  # a repository that only holds a loading script, which datasets 5 never runs
+        raise PipelineError(
+            f"{source.id}@{source.revision} ({field}.revision): {err}; its parquet export is the revision "
+            "refs/convert/parquet"
+        ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     table.to_json(dest, lines=True, force_ascii=False)
-    return {"kind": "hub", "id": source.id, "revision": source.revision, "split": source.split}
+    entry = {"kind": "hub", "id": source.id, "revision": source.revision, "split": source.split}
+    commit = _resolved_commit(source)
+    if commit is not None and commit != source.revision:
+        entry["commit"] = commit  # a branch such as refs/convert/parquet moves; this is what was read
+    return entry
+
+
+def _resolved_commit(source: HubSource) -> str | None:
+    """The commit sha a hub revision points at now, or None (offline, or a local stand-in)."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().dataset_info(source.id, revision=source.revision, token=os.environ.get("HF_TOKEN") or None)
+    except Exception:  # the sha is provenance only; the data is already read
+        return None
+    return info.sha

@@ -5,7 +5,8 @@ checkpoints, resumption, logging callbacks, distributed launch. Two things chang
 
 * the loss: :mod:`lorapipe.label_head` (LM head on label positions only, shared prefix once per batch)
   instead of TRL's chunked head, which on a CPU projects every position onto the vocabulary;
-* the order: :mod:`lorapipe.batching` groups alike records into batches when the prefix is shared.
+* the order: :mod:`lorapipe.batching` groups alike records into batches when the prefix is shared;
+* LoRA dropout drawn with ``torch.rand`` (:class:`~lorapipe.label_head.MaskDropout`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from trl import SFTTrainer
 
 from lorapipe.batching import GroupedSampler
-from lorapipe.label_head import add_label_head, shared_prefix_length
+from lorapipe.label_head import add_label_head, shared_prefix_length, use_mask_dropout
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class LabelHeadSFTTrainer(SFTTrainer):
         self.group_keys = list(group_keys) if group_keys is not None else None
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_label_head(causal_lm)
+        use_mask_dropout(self.model)
         self.prefix_tokens_saved = 0
 
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:

@@ -124,11 +124,17 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     return params
 
 
+TWEETS = [(text, "positive") for text in POSITIVE] + [(text, "negative") for text in NEGATIVE]
+
+
+def tweet_records(prompt, tweets: list[tuple[str, str]] = TWEETS) -> list[dict]:
+    """One tweet record, with its label and text, for each (text, label)."""
+    return [record(sentiment_prompt(text, prompt), label, label=label, text=text) for text, label in tweets]
+
+
 def sentiment_rows(prompt, n: int = 32) -> list[dict]:
-    """``n`` tweet records (alternating the tiny corpus's positive and negative phrases) with label and text."""
-    words = [(w, "positive") for w in POSITIVE] + [(w, "negative") for w in NEGATIVE]
-    picked = [words[i % len(words)] for i in range(n)]
-    return [record(sentiment_prompt(text, prompt), label, label=label, text=text) for text, label in picked]
+    """``n`` tweet records cycling through the tiny corpus's positive, then negative, phrases."""
+    return tweet_records(prompt, [TWEETS[i % len(TWEETS)] for i in range(n)])
 
 
 INSTRUCTIONS = [

@@ -1,4 +1,4 @@
-"""A PEP 503 package index on loopback, served from a folder made in the test."""
+"""Package files made in the test (wheels, sdists) and a PEP 503 index on loopback that serves them."""
 
 from __future__ import annotations
 
@@ -6,12 +6,44 @@ import contextlib
 import functools
 import hashlib
 import html
+import io
 import re
 import shutil
+import tarfile
 import threading
+import zipfile
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+
+def make_wheel(folder: Path, members: dict[str, bytes], name: str = "tinypkg", version: str = "0.1.0") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, data in members.items():
+            zf.writestr(member, data)
+        info = f"{name}-{version}.dist-info"
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def make_sdist(folder: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    """tinypkg-0.1.0.tar.gz with the given files (names as given) and symbolic links (name -> target)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tinypkg-0.1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tf.addfile(info)
+    return path
 
 
 class Index:

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_params, write_instructions_json, write_tweets_csv
+from package_index import make_wheel
 
 # --------------------------------------------------------------------------------------------------------------
 # The commands, as dvc.yaml runs them, on one workspace with relative paths.
@@ -329,22 +330,6 @@ def edit_record(name: str, number: int, **fields: Any) -> Setup:
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
     return run
-
-
-def make_wheel(folder: Path, members: dict[str, bytes], name: str = "tinypkg", version: str = "0.1.0") -> Path:
-    """A wheel holding ``members`` (as tests/test_fetch.py builds them)."""
-    import zipfile
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        for member, data in members.items():
-            zf.writestr(member, data)
-        info = f"{name}-{version}.dist-info"
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        zf.writestr(f"{info}/RECORD", "")
-    return path
 
 
 def tweets_from_registry(

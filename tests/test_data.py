@@ -183,3 +183,43 @@ def test_instructify_failure_leaves_previous_outputs(tmp_path, params):
 def test_out_of_sample_file_is_ten_varied_instructions():
     items = yaml.safe_load((ROOT / "data" / "out_of_sample.yaml").read_text())
     assert len(items) == 10 and len({i["id"] for i in items}) == 10
+
+
+def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypatch):
+    """Study A's tweet source: the hub's parquet export of carblacac/twitter-sentiment-analysis (text, feeling 0/1).
+
+    A local folder laid out like the export stands in for the hub; fetch and instructify run as in the profile.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorapipe.config import load_params
+    from lorapipe.fetching import fetch_data
+
+    export = tmp_path / "carblacac" / "default" / "train"
+    export.mkdir(parents=True)
+    texts = [f"tweet number {i} {'so happy' if i % 2 else 'so sad'}" for i in range(40)]
+    table = pa.table({"text": texts, "feeling": [i % 2 for i in range(40)]})
+    pq.write_table(table, export / "0000.parquet")
+
+    study = load_params(ROOT / "profiles" / "study-a-mistral-7b.yaml")
+    source = study.data.tweets.source.model_copy(update={"id": str(tmp_path / "carblacac")})
+    local_instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 12))}
+    data = study.data.model_copy(
+        update={
+            "tweets": study.data.tweets.model_copy(update={"source": source}),
+            "instructions": study.data.instructions.model_validate(
+                {**study.data.instructions.model_dump(), "source": local_instructions, "input_field": None}
+            ),
+        }
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = fetch_data(data, tmp_path / "raw")
+    assert manifest["tweets"]["rows"] == 40 and manifest["tweets"]["revision"] == "refs/convert/parquet"
+
+    split = data.split.model_copy(update={"train_size": 20, "test_size": 10, "instruction_test_size": 2})
+    params = study.model_copy(update={"data": data.model_copy(update={"split": split})})
+    stats = instructify(params, tmp_path / "raw", tmp_path / "prepared", ROOT / "data" / "out_of_sample.yaml")
+    assert stats["sentiment_train"] == {"negative": 10, "positive": 10}
+    test = read_jsonl(tmp_path / "prepared" / "sentiment_test.jsonl")
+    assert all(("happy" in r["text"]) == (r["label"] == "positive") for r in test)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import INSTRUCTIONS, NEGATIVE, POSITIVE, ROOT, instruction_rows, tiny_params, write_tweets_csv
+from conftest import INSTRUCTIONS, ROOT, TWEETS, instruction_rows, tiny_params, tweet_records, write_tweets_csv
 from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
 from lorapipe.decoding import (
     common_prefix_length,
@@ -32,9 +32,9 @@ from lorapipe.evaluation import (
     write_outputs,
 )
 from lorapipe.io import read_jsonl, write_jsonl
+from lorapipe.metrics import parse_label
 from lorapipe.modeling import load_for_inference, load_tokenizer
-from lorapipe.prompts import instruction_prompt, sentiment_prompt
-from lorapipe.records import record
+from lorapipe.prompts import instruction_prompt
 
 PROMPT = PromptParams(
     system="You are a helpful assistant.",
@@ -42,7 +42,6 @@ PROMPT = PromptParams(
     instruction_template="{instruction}",
     instruction_with_input_template="{instruction}\n\nInput:\n{input}",
 )
-TWEETS = [(text, "positive") for text in POSITIVE] + [(text, "negative") for text in NEGATIVE]
 
 
 def eval_params(**changes) -> EvalParams:
@@ -63,12 +62,8 @@ def eval_params(**changes) -> EvalParams:
 EVAL = eval_params()
 
 
-def tweet_records(tweets=TWEETS):
-    return [record(sentiment_prompt(text, PROMPT), label, label=label, text=text) for text, label in tweets]
-
-
 def conversations(tweets=TWEETS):
-    return [r["prompt"] for r in tweet_records(tweets)]
+    return [r["prompt"] for r in tweet_records(PROMPT, tweets)]
 
 
 def eval_files(prepared: Path) -> tuple[Path, Path, Path]:
@@ -81,9 +76,10 @@ def eval_files(prepared: Path) -> tuple[Path, Path, Path]:
 
 def write_prepared(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "sentiment_test.jsonl", tweet_records())
+    write_jsonl(folder / "sentiment_test.jsonl", tweet_records(PROMPT))
     write_jsonl(
-        folder / "sentiment_train.jsonl", tweet_records([(f"{t} {i}", label) for t, label in TWEETS for i in (1, 2)])
+        folder / "sentiment_train.jsonl",
+        tweet_records(PROMPT, [(f"{t} {i}", label) for t, label in TWEETS for i in (1, 2)]),
     )
     write_jsonl(folder / "instructions_test.jsonl", instruction_rows(PROMPT))
     write_jsonl(
@@ -100,19 +96,15 @@ def write_prepared(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def taught_model(tiny_model, tmp_path_factory) -> Path:
-    """The tiny random model after ~100 steps of answering each tweet's label then <|im_end|>.
-
-    Its greedy answers are label words, so parsing and the agreement of both ways are exercised.
-    """
+def teach(tiny_model: Path, out: Path, tail: str = "") -> Path:
+    """The tiny random model after ~100 steps of answering each tweet's label, then ``tail``, then <|im_end|>."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     texts = render(tokenizer, conversations())
     prompts = encode(tokenizer, texts)
-    answers = encode(tokenizer, [label for _, label in TWEETS])
+    answers = encode(tokenizer, [label + tail for _, label in TWEETS])
     sequences = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
     width = max(map(len, sequences))
     ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
@@ -125,16 +117,21 @@ def taught_model(tiny_model, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(100):
+    for _ in range(100 if not tail else 150):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     torch.set_num_threads(threads)
-    out = tmp_path_factory.mktemp("taught") / "model"
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def taught_model(tiny_model, tmp_path_factory) -> Path:
+    """Answers each tweet with its label word, so parsing and the agreement of both ways are exercised."""
+    return teach(tiny_model, tmp_path_factory.mktemp("taught") / "model")
 
 
 def unpadded_logprob(model, tokenizer, conversation, label: str) -> float:
@@ -208,6 +205,20 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
         assert answers.texts == expected
         assert answers.new_tokens == new_tokens
     assert bool(dropped) == bool(extra_stop)  # finished rows left their batch mid-way
+
+
+def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full_answer_s(tiny_model, tmp_path):
+    chatty = teach(tiny_model, tmp_path / "chatty", tail=". The sea is wide and blue.")
+    model, tokenizer = load_for_inference(chatty), load_tokenizer(chatty, padding_side="left")
+    prompts = conversations()
+    full = generate_answers(model, tokenizer, prompts, batch_size=5, max_new_tokens=12).texts
+    predicted = predict_sentiment(model, tokenizer, prompts, batch_size=5, max_new_tokens=12)
+    stopped_early = 0
+    for answer, prediction in zip(full, predicted, strict=True):
+        assert prediction.generated_label == parse_label(answer) is not None
+        assert answer.startswith(prediction.answer)
+        stopped_early += len(prediction.answer) < len(answer)
+    assert stopped_early == len(prompts)  # "positive." and no more: the rest cannot change the label
 
 
 def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model):

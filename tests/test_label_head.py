@@ -7,6 +7,7 @@ of instructions and of both.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,29 @@ def test_batches_group_alike_prompts_and_keep_every_example_once(params):
     tweet_batches = [b for b in batches if all(i < 10 for i in b)]
     assert len(tweet_batches) == 2  # 10 tweets fill two whole batches; the other 2 join the rest
     assert grouped_batches(keys, lengths, 4, seed=1) == batches != grouped_batches(keys, lengths, 4, seed=2)
+
+
+def test_mask_dropout_is_inverted_dropout_and_replaces_peft_s():
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import build_tiny_model
+    from lorapipe.label_head import MaskDropout, use_mask_dropout
+
+    torch.manual_seed(0)
+    dropout = MaskDropout(0.25).train()
+    x = torch.ones(200, 500, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.all(y[kept] == 1 / 0.75)
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.75)  # the gradient flows through the kept entries only
+    assert torch.equal(dropout.eval()(x), x)
+
+    model = get_peft_model(
+        load_causal_lm(build_tiny_model(Path(tempfile.mkdtemp()) / "m")),
+        LoraConfig(r=2, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+    )
+    assert use_mask_dropout(model) == 4  # two layers, two adapted modules each
+    kinds = {type(m).__name__ for m in model.modules() if "lora_dropout" in str(type(m)) or isinstance(m, MaskDropout)}
+    assert kinds == {"MaskDropout"}

@@ -6,6 +6,7 @@ from lorapipe.errors import PipelineError
 from lorapipe.metrics import (
     classification_metrics,
     confusion_matrix,
+    label_is_settled,
     mean_scores,
     normalize_answer,
     parse_label,
@@ -103,3 +104,21 @@ def test_text_scores_with_the_local_bertscore_encoder(monkeypatch):
     assert identical == pytest.approx(1.0, abs=1e-4)
     assert identical > close > unrelated
     assert scores["token_f1"][0] == 1.0 and scores["rouge_l"][0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "settled"),
+    [
+        ("Positive.", True),
+        ("The sentiment is negative", False),  # "negative" could still grow into "negatively"
+        ("The sentiment is negative\n", True),
+        ("positively", False),
+        ("It is positive, not negative", True),
+        ("no label yet", False),
+        ("", False),
+    ],
+)
+def test_a_label_is_settled_once_no_continuation_can_change_the_parse(answer, settled):
+    assert label_is_settled(answer) is settled
+    if settled:
+        assert parse_label(answer + "ly and more") == parse_label(answer)
