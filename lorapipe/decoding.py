@@ -230,11 +230,13 @@ def predict_sentiment(
     max_new_tokens: int,
     labels: Sequence[str] = SENTIMENT_LABELS,
     share_prefix: bool = True,
+    stop_when_settled: bool = True,
 ) -> list[SentimentPrediction]:
     """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
 
-    The answer stops at the end-of-turn token, after ``max_new_tokens``, or as soon as its first label word is
-    settled (:func:`~lorapipe.metrics.label_is_settled`): the generated label is the same as the full answer's.
+    The answer stops at the end-of-turn token, after ``max_new_tokens``, or (``stop_when_settled``) as soon as its
+    first label word is settled (:func:`~lorapipe.metrics.label_is_settled`): the generated label is the same as
+    the full answer's.
     """
     texts = render(tokenizer, conversations)
     ids = encode(tokenizer, texts)
@@ -245,7 +247,9 @@ def predict_sentiment(
     settled = lambda tokens: label_is_settled(tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: E731
     for batch in _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment"):
         scores = _label_logprobs(model, batch, label_ids, pad_id)
-        answers = _greedy(model, batch.logits, batch.state, max_new_tokens, stops, settled)
+        answers = _greedy(
+            model, batch.logits, batch.state, max_new_tokens, stops, settled if stop_when_settled else None
+        )
         for j, row in enumerate(batch.rows):
             logprobs = {label: float(scores[label][j]) for label in labels}
             answer = tokenizer.decode(answers[j], skip_special_tokens=True).strip()
