@@ -9,7 +9,8 @@ first to its last optimizer step (model loading and tokenising excluded):
 * the train stage (:func:`lorapipe.training.train_adapter`), shared prefix on and off;
 * a bare PyTorch + PEFT loop doing the same arithmetic as the stage without a shared prefix, made as
   fast as it honestly can be: batches of similar lengths (all examples sorted by length), the stage's
-  cheaper LoRA dropout, LM head on the label positions only, cross-entropy, backward, AdamW, no Trainer;
+  cheaper LoRA dropout, LM head on the label positions only, cross-entropy, backward, gradient clipping,
+  AdamW and the learning-rate schedule, no Trainer;
 * TRL's SFTTrainer as its documentation shows it (prompt/completion records, bf16, defaults otherwise).
 
 It prints examples/s and non-padding tokens/s of each, their ratios, and the limit this CPU's arithmetic
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import tempfile
@@ -79,6 +81,7 @@ def encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
 def bare_loop(base: Path, rows: list[dict], params) -> dict:
     """The same arithmetic as the train stage without a shared prefix, and nothing else."""
     from peft import get_peft_model
+    from transformers import get_scheduler
 
     hardware = choose_hardware(params.train, cuda=False)
     tokenizer = load_tokenizer(base)
@@ -86,9 +89,12 @@ def bare_loop(base: Path, rows: list[dict], params) -> dict:
     model = get_peft_model(load_causal_lm(base, attention=hardware.attention), lora_config(params.lora)).train()
     use_mask_dropout(model)
     causal_lm = model.get_base_model()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=params.train.learning_rate)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=params.train.learning_rate, weight_decay=params.train.weight_decay)
     examples = sorted(encode(tokenizer, rows), key=lambda example: len(example[0]))  # the least padding
     size = params.train.batch_size
+    steps = -(-len(examples) // size)
+    schedule = get_scheduler(params.train.lr_scheduler, optimizer, math.ceil(params.train.warmup_ratio * steps), steps)
     started, tokens = time.perf_counter(), 0
     for start in range(0, len(examples), size):
         batch = examples[start : start + size]
@@ -105,7 +111,9 @@ def bare_loop(base: Path, rows: list[dict], params) -> dict:
             logits = causal_lm.lm_head(hidden[:, :-1][wanted]).float()
             loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][wanted])
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)  # as the Trainer does (max_grad_norm)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
         tokens += int(mask.sum())
     wall = time.perf_counter() - started

@@ -109,17 +109,27 @@ def add_label_head(model) -> None:
 
 
 class MaskDropout(torch.nn.Module):
-    """Inverted dropout with its mask drawn by ``torch.rand``: the distribution of ``nn.Dropout``, faster on a CPU."""
+    """Inverted dropout whose mask comes from random integers: ``nn.Dropout``'s distribution, cheaper on a CPU.
+
+    Each drawn int64 gives four 16-bit lanes; 15 uniform bits of each (``random_`` leaves the int64 sign bit 0)
+    are compared with ``p`` rounded to 1/32768. On 2 CPU cores this mask costs 1.2 ms where ``torch.rand``
+    costs 2.9 ms and ``nn.Dropout``'s Bernoulli draw more (a batch of 16 x 90 x 576; README: Training speed).
+    """
+
+    LEVELS = 1 << 15
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.p = p
+        self.threshold = round(p * self.LEVELS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.training or self.threshold == 0:
             return x
-        dropped = torch.rand(x.shape, device=x.device) < self.p
-        return x.mul(1 / (1 - self.p)).masked_fill_(dropped, 0.0)
+        size = x.numel()
+        words = torch.empty((size + 3) // 4, dtype=torch.int64, device=x.device).random_()
+        lanes = words.view(torch.int16)[:size].view(x.shape) & (self.LEVELS - 1)
+        return x.mul(self.LEVELS / (self.LEVELS - self.threshold)).masked_fill_(lanes < self.threshold, 0.0)
 
 
 def use_mask_dropout(model) -> int:

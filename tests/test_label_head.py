@@ -120,6 +120,10 @@ def test_mask_dropout_is_inverted_dropout_and_replaces_peft_s():
     y = dropout(x)
     kept = y != 0
     assert abs(kept.float().mean().item() - 0.75) < 0.01
+    for lane in range(4):  # each 16-bit lane of the drawn integers is as likely to keep an entry
+        assert abs(kept.flatten()[lane::4].float().mean().item() - 0.75) < 0.01
+    assert not torch.equal(dropout(x) != 0, kept)  # a new mask every call
+    assert dropout(torch.ones(3, 7)).shape == (3, 7)  # sizes that are not a multiple of four
     assert torch.all(y[kept] == 1 / 0.75)
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / 0.75)  # the gradient flows through the kept entries only
