@@ -294,3 +294,27 @@ def test_hub_dataset_with_a_local_stand_in_and_a_missing_one(tmp_path, monkeypat
     missing = data_params({**hub, "id": "nobody/no-such-dataset"}, instructions)
     with pytest.raises(PipelineError, match=r"^nobody/no-such-dataset@main \(data\.tweets\.source\): cannot download"):
         fetch_data(missing, tmp_path / "raw")
+
+
+def test_gguf_parsed_once_caches_the_reader_and_name_map_only_within(tmp_path):
+    import gguf
+    import numpy as np
+
+    from lorapipe.modeling import gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(4, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(path)) is first  # parsed once for config, tokenizer and weights
+        assert np.array_equal(np.asarray(first.tensors[0].data).ravel(), np.arange(12, dtype=np.float32))
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
+    assert gguf.GGUFReader is original  # restored
+    assert gguf.GGUFReader(str(path)) is not first
