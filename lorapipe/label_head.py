@@ -1,15 +1,14 @@
 """The training forward: the LM head on label positions only, and the batch's shared prefix run once.
 
-Two costs of a plain causal-LM forward buy nothing in completion-only training of short answers:
+Three costs of a plain causal-LM forward are larger than completion-only training of short answers needs:
 
 * the LM head (hidden -> vocabulary) on every position, when only the few answer positions carry
   loss (TRL's chunked head scores every position on a CPU);
 * the tokens every row of the batch starts with (the system turn and the instruction up to the tweet),
   computed once per row;
-* PEFT's LoRA dropout, ``torch.nn.functional.dropout`` on every adapted layer's input, which on a CPU
-  costs 2.8 times what drawing the mask with ``torch.rand`` does (forward and backward): about a fifth
-  of a training step. :class:`MaskDropout` is the same dropout (keep with probability 1 - p, scale by
-  1 / (1 - p)) drawn that way.
+* PEFT's LoRA dropout, ``torch.nn.functional.dropout`` on every adapted layer's input, whose random
+  draws cost about a fifth of a training step on a CPU. :class:`MaskDropout` is the same dropout (keep
+  with probability 1 - p, scale by 1 / (1 - p)) with its mask cut from random integers instead.
 
 :func:`add_label_head` patches a causal LM so that ``model(..., label_head=True, labels=...)`` runs the
 shared prefix once (batch 1) with a KV cache, broadcasts its keys and values to the rows with

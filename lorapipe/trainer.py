@@ -6,7 +6,7 @@ checkpoints, resumption, logging callbacks, distributed launch. Two things chang
 * the loss: :mod:`lorapipe.label_head` (LM head on label positions only, shared prefix once per batch)
   instead of TRL's chunked head, which on a CPU projects every position onto the vocabulary;
 * the order: :mod:`lorapipe.batching` groups alike records into batches when the prefix is shared;
-* LoRA dropout drawn with ``torch.rand`` (:class:`~lorapipe.label_head.MaskDropout`).
+* LoRA dropout with a cheaper mask (:class:`~lorapipe.label_head.MaskDropout`).
 """
 
 from __future__ import annotations
