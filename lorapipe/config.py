@@ -249,8 +249,15 @@ class TrainParams(Section):
     optim: str = doc("optimizer on CUDA (transformers' names, e.g. paged_adamw_32bit)")
     cpu_optim: str = doc("optimizer that replaces a CUDA-only optim (paged or bitsandbytes) on a CPU")
     precision: Literal["auto", "fp16", "bf16", "fp32"] = doc("auto: fp16 on CUDA, cpu_precision on a CPU")
-    cpu_precision: Literal["bf16", "fp32"] = doc("precision on a CPU: bf16 autocast or fp32")
+    cpu_precision: Literal["auto", "bf16", "fp32"] = doc(
+        "precision on a CPU: auto (the faster on this CPU, timed before training), bf16 autocast or fp32"
+    )
     quantization: Literal["auto", "4bit", "none"] = doc("auto / 4bit: 4-bit nf4 QLoRA on CUDA; plain LoRA on a CPU")
+    pass_tokens: int | None = doc(
+        "most tokens one forward/backward pass runs; a larger batch runs in passes of fewer rows "
+        "(the same update, less memory); null: no limit",
+        gt=0,
+    )
     gradient_checkpointing: bool = doc(
         "recompute activations in backward (less memory, slower; turns shared_prefix off)"
     )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lorapipe.config import SENTIMENT_LABELS
+from lorapipe.host import refresh_threads
 from lorapipe.metrics import label_is_settled, parse_label
 from lorapipe.records import Conversation
 
@@ -134,6 +135,7 @@ def _prefilled_batches(
     started, done = time.perf_counter(), 0
     log.info("%s: %d prompts, %d shared prefix tokens, batches of %d", what, len(ids), prefix.length, batch_size)
     for start in range(0, len(order), batch_size):
+        refresh_threads()
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
         logits, state = _prefill(model, prefix, suffixes, pad_id)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from lorapipe.baseline import tfidf_predictions
 from lorapipe.config import EvalParams
 from lorapipe.decoding import generate_answers, predict_sentiment
+from lorapipe.host import peak_rss_mib
 from lorapipe.io import atomic_dir, atomic_file, write_json, write_jsonl
 from lorapipe.metrics import NO_LABEL, classification_metrics, mean_scores, text_scores
 from lorapipe.modeling import inference_precision
@@ -146,6 +147,7 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
         "instructions": mean_scores(per_pair),
         "examples": {"sentiment": len(actual), "instructions": len(references), "out_of_sample": len(extra)},
         "seconds": seconds,
+        "peak_rss_mib": peak_rss_mib(),
         "speed": {
             "sentiment_examples_per_second": round(len(actual) / max(seconds["sentiment"], 0.1), 2),
             "generated_tokens_per_second": round(generated.new_tokens / max(seconds["generation"], 0.1), 1),

@@ -107,6 +107,11 @@ def add_label_head(model) -> None:
     model.forward = types.MethodType(forward, model)
 
 
+def remove_label_head(model) -> None:
+    """Undo :func:`add_label_head`: the model's own forward again."""
+    vars(model).pop("forward", None)
+
+
 class MaskDropout(torch.nn.Module):
     """Inverted dropout whose mask comes from random integers: ``nn.Dropout``'s distribution, cheaper on a CPU.
 

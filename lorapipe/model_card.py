@@ -92,6 +92,7 @@ def render_model_card(facts: CardFacts) -> str:
             f"{summary.get('wall_seconds')} s on {summary.get('device')} ({summary.get('precision')}"
             f"{', 4-bit nf4' if summary.get('quantized_4bit') else ''}, {summary.get('processes', 1)} process(es)); "
             f"final training loss {summary.get('final_loss')}.",
+            *_precision_lines(summary),
             "",
             "## Evaluation",
             "",
@@ -113,3 +114,13 @@ def render_model_card(facts: CardFacts) -> str:
             "",
         ]
     )
+
+
+def _precision_lines(summary: dict) -> list[str]:
+    """The precision choice and, when it was timed, both rates (examples/s of a forward and backward)."""
+    rates = summary.get("precision_rates")
+    if not rates:
+        return []
+    measured = ", ".join(f"{name} {rate:.2f}" for name, rate in rates.items())
+    chosen = f"Precision {summary.get('precision')}, chosen by timing this CPU before training"
+    return ["", f"{chosen} ({measured} examples/s of a forward and backward pass)."]

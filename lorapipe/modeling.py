@@ -96,7 +96,10 @@ def sharded_launch() -> bool:
 
 
 def choose_hardware(train: TrainParams, cuda: bool | None = None) -> Hardware:
-    """CUDA gets QLoRA (4-bit nf4, paged optimizer, fp16); a CPU gets plain LoRA and says so."""
+    """CUDA gets QLoRA (4-bit nf4, paged optimizer, fp16); a CPU gets plain LoRA and says so.
+
+    On a CPU the precision may be ``auto``: the train stage times both before training.
+    """
     cuda = torch.cuda.is_available() if cuda is None else cuda
     fallbacks: list[str] = []
     if cuda:
@@ -106,11 +109,13 @@ def choose_hardware(train: TrainParams, cuda: bool | None = None) -> Hardware:
         device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if quantize and not sharded_launch() else None
         attention = "sdpa" if train.attention == "auto" else train.attention
         return Hardware("cuda", precision, quantize, train.optim, (), attention, device_map)
+    # "auto" stays until the train stage has timed both precisions on this CPU (lorapipe.host.choose_precision).
     precision = train.cpu_precision if train.precision in ("auto", "fp16") else train.precision
+    shown = "the faster of fp32 and bf16 autocast, timed here" if precision == "auto" else precision
     if train.precision == "fp16":
-        fallbacks.append(f"fp16 needs CUDA: training in {precision} on the CPU")
+        fallbacks.append(f"fp16 needs CUDA: training in {shown} on the CPU")
     elif train.precision == "auto":
-        fallbacks.append(f"no CUDA: training in {precision} instead of fp16")
+        fallbacks.append(f"no CUDA: training in {shown} instead of fp16")
     if train.quantization != "none":
         fallbacks.append("no CUDA: 4-bit nf4 quantization off (bitsandbytes has no CPU autograd), plain LoRA")
     optim = train.optim
@@ -120,6 +125,36 @@ def choose_hardware(train: TrainParams, cuda: bool | None = None) -> Hardware:
     # On a CPU the eager attention trains these short sequences faster than SDPA's kernels (benchmarks/).
     attention = "eager" if train.attention == "auto" else train.attention
     return Hardware("cpu", precision, False, optim, tuple(fallbacks), attention)
+
+
+def store_frozen_linears_in_bf16(model) -> int:
+    """Keep the frozen linear weights in bf16 for bf16-autocast training; how many layers were converted.
+
+    Autocast casts a frozen fp32 weight to bf16 at every use (it caches only casts of weights that require
+    grad) and keeps each copy for the backward pass: the same numbers, computed anew every step. Stored in
+    bf16 once (after PEFT has made and initialised the LoRA weights, which stay fp32), the matrix products see
+    bit-identical operands (``tests/test_training.py``), and a step is faster and holds less. The output head,
+    tied to the embeddings here, stays fp32 like the norms.
+    """
+    head = model.get_output_embeddings()
+    converted = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module is not head
+            and weight is not None
+            and weight.dtype == torch.float32
+            and not weight.requires_grad
+        ):
+            module.to(torch.bfloat16)
+            converted += 1
+    # The other frozen tensors (embeddings, norms) still view the memory-mapped safetensors file, which keeps all
+    # of its pages resident; copied out, the file's 0.5 GB of fp32 weights are let go.
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.clone()
+    return converted
 
 
 def corrupt_safetensors(folder: Path) -> Path | None:

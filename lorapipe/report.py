@@ -30,9 +30,11 @@ TRAINING = (
     ("examples_per_second", "Examples/s"),
     ("tokens_per_second", "Tokens/s"),
     ("wall_seconds", "Wall time (s)"),
-    ("peak_memory_mib", "Peak memory (MiB)"),
+    ("precision", "Precision"),
+    ("peak_rss_mib", "Peak memory (RSS, MiB)"),
     ("final_loss", "Final loss"),
 )
+EVAL_SPEED = ("Tweets/s", "Generated tokens/s", "Peak memory (RSS, MiB)")
 CARDS = "cards"
 
 
@@ -148,6 +150,7 @@ def _cost_section(inputs: ReportInputs) -> list[str]:
             *(_number(m["seconds"].get(key), 1) for key, _ in COST),
             _number(m.get("speed", {}).get("sentiment_examples_per_second"), 1),
             _number(m.get("speed", {}).get("generated_tokens_per_second"), 1),
+            _number(m.get("peak_rss_mib"), 0),
         ]
         for name in inputs.models
         if "seconds" in (m := inputs.metrics[name])
@@ -157,7 +160,9 @@ def _cost_section(inputs: ReportInputs) -> list[str]:
     return [
         "## Evaluation cost",
         "",
-        *_table(["Model", *(title for _, title in COST), "Tweets/s", "Generated tokens/s"], rows),
+        *_table(
+            ["Model", *(title for _, title in COST), "Tweets/s", "Generated tokens/s", "Peak memory (RSS, MiB)"], rows
+        ),
     ]
 
 

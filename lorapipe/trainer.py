@@ -6,13 +6,20 @@ checkpoints, resumption, logging callbacks, distributed launch. Two things chang
 * the loss: :mod:`lorapipe.label_head` (LM head on label positions only, shared prefix once per batch)
   instead of TRL's chunked head, which on a CPU projects every position onto the vocabulary;
 * the order: :mod:`lorapipe.batching` groups alike records into batches when the prefix is shared;
-* LoRA dropout with a cheaper mask (:class:`~lorapipe.label_head.MaskDropout`).
+* LoRA dropout with a cheaper mask (:class:`~lorapipe.label_head.MaskDropout`);
+* memory: a batch whose forward would run more than ``pass_tokens`` tokens is split into forward/backward
+  passes of fewer rows (:func:`split_rows`), each loss divided by the whole batch's label count, so the
+  gradients add up to the whole batch's. Activations are about 1 MiB per token here (bf16 autocast; 2 in
+  fp32): a batch of 16 instructions of 256 tokens held 5 GiB of them in one pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from trl import SFTTrainer
@@ -26,9 +33,18 @@ log = logging.getLogger(__name__)
 class LabelHeadSFTTrainer(SFTTrainer):
     """SFTTrainer whose loss comes from the label-head forward; ``group_keys`` (one per example) turn on grouping."""
 
-    def __init__(self, *args, shared_prefix: bool, group_keys: Sequence[str] | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        shared_prefix: bool,
+        group_keys: Sequence[str] | None = None,
+        pass_tokens: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.shared_prefix = shared_prefix
+        self.pass_tokens = pass_tokens
+        self.split_batches = 0
         self.group_keys = list(group_keys) if group_keys is not None else None
         causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         add_label_head(causal_lm)
@@ -48,6 +64,22 @@ class LabelHeadSFTTrainer(SFTTrainer):
             self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             self.args.train_sampling_strategy == "group_by_length",
         )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        passes = split_rows(inputs, self.pass_tokens, self.shared_prefix)
+        if len(passes) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        self.split_batches += 1
+        if num_items_in_batch is None:  # each pass divides by the whole batch's label count, not its own
+            num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+        total = None
+        for index, part in enumerate(passes):
+            # Under DDP the gradients are reduced once, after the last pass.
+            last = index == len(passes) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = super().training_step(model, part, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -73,3 +105,39 @@ class LabelHeadSFTTrainer(SFTTrainer):
             self._total_train_tokens += tokens
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+
+def pass_cost(rows: int, width: int, prefix: int) -> int:
+    """Tokens a forward pass runs: the shared prefix once, then each row's suffix."""
+    return prefix + rows * (width - prefix)
+
+
+def split_rows(inputs: dict[str, Any], pass_tokens: int | None, shared_prefix: bool) -> list[dict[str, Any]]:
+    """``inputs`` as one pass, or split by rows into the fewest even passes that each run at most ``pass_tokens``.
+
+    Every tensor of shape (rows, width) is split; columns that are padding in all of a pass's rows are dropped
+    (right padding: no real token attends to them). A single row longer than the budget is a pass of its own.
+    """
+    ids = inputs["input_ids"]
+    rows, width = ids.shape
+    prefix = shared_prefix_length(ids, inputs["labels"]) if shared_prefix else 0
+    if pass_tokens is None or pass_cost(rows, width, prefix) <= pass_tokens:
+        return [inputs]
+    fit = max(1, (pass_tokens - prefix) // (width - prefix))
+    size = math.ceil(rows / math.ceil(rows / fit))
+    passes = []
+    for start in range(0, rows, size):
+        part = {
+            key: value[start : start + size] if torch.is_tensor(value) and value.shape[:2] == (rows, width) else value
+            for key, value in inputs.items()
+        }
+        used = int(part["attention_mask"].any(dim=0).nonzero().max()) + 1
+        if used < width:
+            part = {key: _columns(value, width, used) for key, value in part.items()}
+        passes.append(part)
+    return passes
+
+
+def _columns(value: Any, width: int, used: int) -> Any:
+    """The first ``used`` columns of a (rows, width) tensor; anything else as it is."""
+    return value[:, :used] if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width else value

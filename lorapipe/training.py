@@ -10,23 +10,44 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from lorapipe.batching import prefix_key
 from lorapipe.checkpoints import FINGERPRINT, fingerprint, resume_point
 from lorapipe.config import LoraParams, TrainParams
 from lorapipe.errors import PipelineError
+from lorapipe.host import (
+    PrecisionChoice,
+    all_ranks_agree,
+    choose_precision,
+    peak_rss_mib,
+    refresh_threads,
+    shared_cores,
+    step_timer,
+)
 from lorapipe.io import atomic_file, read_json, remove_stale_staging, replace_dir, sha256_file, write_json
-from lorapipe.label_head import supports_label_head
+from lorapipe.label_head import (
+    add_label_head,
+    remove_label_head,
+    shared_prefix_length,
+    supports_label_head,
+    use_mask_dropout,
+)
 from lorapipe.model_card import CARD_FACTS, CardFacts, render_model_card
-from lorapipe.modeling import Hardware, choose_hardware, load_causal_lm, load_tokenizer, sharded_launch
+from lorapipe.modeling import (
+    Hardware,
+    choose_hardware,
+    load_causal_lm,
+    load_tokenizer,
+    sharded_launch,
+    store_frozen_linears_in_bf16,
+)
 from lorapipe.records import read_records
 
 log = logging.getLogger(__name__)
@@ -56,14 +77,88 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     # here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
     set_seed(train.seed)
     rows = read_records(job.train_file)
-    tokenizer, model = load_model(job.base_model, lora, train, hardware)
-    resume = resume_checkpoint(job, lora, train)
-    trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    summary = summarise(job, trainer, result, hardware, len(rows), time.perf_counter() - started, resume)
+    with shared_cores():
+        tokenizer, model = load_model(job.base_model, lora, train, hardware)
+        choice = PrecisionChoice(hardware.precision)
+        if hardware.precision == "auto":
+            choice = measure_precision(model, tokenizer, rows, lora, train)
+            hardware = dataclasses.replace(hardware, precision=choice.precision)
+        resume = resume_checkpoint(job, lora, train)
+        trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None)
+        trainer.add_callback(RefreshThreads())
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        wall = time.perf_counter() - started
+    summary = summarise(job, trainer, result, hardware, len(rows), wall, resume, choice)
     save_adapter(job, trainer, lora, train, summary, len(rows))
     return summary
+
+
+class RefreshThreads(TrainerCallback):
+    """Before each step, threads = cores / the lorapipe workers running now (a queued experiment may start)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        refresh_threads()
+
+
+PROBE_ROWS = 4  # rows of the timed batch: its rows are as long as the stage's, fewer keeps the probe to seconds
+
+
+def probe_batch(tokenizer, rows: list[dict[str, Any]], size: int, max_length: int) -> dict[str, torch.Tensor]:
+    """``size`` records of the most common opening (the stage's usual batch), tokenised as training does."""
+    keys = [prefix_key(r["prompt"]) for r in rows]
+    common = max(set(keys), key=keys.count)
+    chosen = [r for r, key in zip(rows, keys, strict=True) if key == common][:size]
+    encoded = []
+    for record in chosen:
+        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+        encoded.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]))
+    width = max(len(ids) for ids, _ in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {
+        "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in encoded]),
+        "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in encoded]),
+        "labels": torch.tensor([labels + [-100] * (width - len(labels)) for _, labels in encoded]),
+    }
+
+
+def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainParams) -> PrecisionChoice:
+    """Time the stage's forward and backward (LoRA, label head) in fp32 and in bf16 autocast; the faster wins.
+
+    The LoRA layers are added for the probe and removed after it, and the random state is restored, so training
+    runs exactly as it would with the chosen precision pinned.
+    """
+    from peft import get_peft_model
+
+    if "LOCAL_RANK" in os.environ:  # launched with several processes: join them now, the ranks must agree
+        from accelerate import PartialState
+
+        PartialState()
+    batch = probe_batch(tokenizer, rows, min(train.batch_size, PROBE_ROWS), train.max_length)
+    shared = use_shared_prefix(train, model, quiet=True)
+    prefix = shared_prefix_length(batch["input_ids"], batch["labels"]) if shared else 0
+    with torch.random.fork_rng(devices=[]):
+        peft_model = get_peft_model(model, lora_config(lora))
+        add_label_head(model)
+        use_mask_dropout(peft_model)
+        peft_model.train()
+
+        def step(precision: str) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = peft_model(**batch, label_head=True, prefix_length=prefix).loss
+            loss.backward()
+            peft_model.zero_grad(set_to_none=True)
+
+        try:
+            choice = all_ranks_agree(choose_precision(step_timer(step, len(batch["input_ids"]))))
+        finally:
+            peft_model.unload()
+            remove_label_head(model)
+            vars(model).pop("peft_config", None)
+    return choice
 
 
 def load_model(base: Path, lora: LoraParams, train: TrainParams, hardware: Hardware):
@@ -156,7 +251,7 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
     )
 
 
-def use_shared_prefix(train: TrainParams, model) -> bool:
+def use_shared_prefix(train: TrainParams, model, quiet: bool = False) -> bool:
     """Shared prefixes need the KV cache and a plain projection head, which some settings rule out."""
     if not train.shared_prefix:
         return False
@@ -166,7 +261,8 @@ def use_shared_prefix(train: TrainParams, model) -> bool:
         ("the model scales or caps its logits", not supports_label_head(model)),
     ):
         if applies:
-            log.warning("fallback: shared_prefix off: %s", reason)
+            if not quiet:
+                log.warning("fallback: shared_prefix off: %s", reason)
             return False
     return True
 
@@ -190,7 +286,7 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
     }
     if supports_label_head(model):
         keys = [prefix_key(r["prompt"]) for r in rows] if shared else None
-        trainer = LabelHeadSFTTrainer(**kwargs, shared_prefix=shared, group_keys=keys)
+        trainer = LabelHeadSFTTrainer(**kwargs, shared_prefix=shared, group_keys=keys, pass_tokens=train.pass_tokens)
     else:
         trainer = SFTTrainer(**kwargs)
     if hardware.quantize_4bit and hardware.precision == "fp16":
@@ -199,6 +295,8 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
         for param in trainer.model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    if hardware.device == "cpu" and hardware.precision == "bf16":
+        log.info("bf16 autocast: %d frozen linear layers stored in bf16", store_frozen_linears_in_bf16(trainer.model))
     trainable, total = trainer.model.get_nb_trainable_parameters()
     log.info(
         "%s: %d examples, %d trainable of %d parameters (%.2f%%) on %s in %s, %d process(es), shared prefix %s",
@@ -225,15 +323,11 @@ def live_callbacks(live_dir: Path | None, resuming: bool) -> list:
     return [DVCLiveCallback(live=Live(dir=str(live_dir), resume=resuming, dvcyaml=False, save_dvc_exp=False))]
 
 
-def peak_memory_mib(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-
-def summarise(job, trainer, result, hardware: Hardware, examples: int, wall: float, resume: Path | None) -> dict:
+def summarise(
+    job, trainer, result, hardware: Hardware, examples: int, wall: float, resume: Path | None, choice: PrecisionChoice
+) -> dict:
     state = trainer.state
+    cuda = hardware.device == "cuda"
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     tokens = int(state.num_input_tokens_seen)
     trainable, _ = trainer.model.get_nb_trainable_parameters()
@@ -246,12 +340,16 @@ def summarise(job, trainer, result, hardware: Hardware, examples: int, wall: flo
         "tokens_per_second": round(tokens / wall, 1) if wall else None,
         "examples_per_second": round(examples * (state.epoch or 0) / wall, 2) if wall else None,
         "wall_seconds": round(wall, 1),
-        "peak_memory_mib": round(peak_memory_mib(hardware.device), 1),
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "final_loss": losses[-1] if losses else None,
         "mean_loss": result.training_loss,
         "resumed_from": resume.name if resume else None,
         "device": hardware.device,
         "precision": hardware.precision,
+        "precision_measured": choice.measured,
+        "precision_rates": choice.rates,
+        "split_batches": getattr(trainer, "split_batches", 0),
         "quantized_4bit": hardware.quantize_4bit,
         "optim": hardware.optim,
         "attention": hardware.attention,

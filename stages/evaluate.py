@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lorapipe.config import load_params
 from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
+from lorapipe.host import shared_cores
 from lorapipe.io import run_stage
 from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
 
@@ -49,11 +50,15 @@ def main() -> None:
         if args.baseline_train:
             train = load_sentiment(args.baseline_train)
             write_outputs(evaluate_baseline(train, data.sentiment), args.baseline_metrics, args.baseline_predictions)
-        started = time.perf_counter()
-        model = load_for_inference(args.base, adapter, params.precision)
-        tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")
-        log.info("loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started)
-        write_outputs(evaluate_model(model, tokenizer, data, params), args.metrics, args.predictions)
+        with shared_cores():
+            started = time.perf_counter()
+            model = load_for_inference(args.base, adapter, params.precision)
+            tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")
+            log.info(
+                "loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started
+            )
+            outputs = evaluate_model(model, tokenizer, data, params)
+        write_outputs(outputs, args.metrics, args.predictions)
 
     run_stage(f"evaluate {args.adapter or args.base}", body)
 

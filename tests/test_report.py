@@ -37,6 +37,7 @@ def model_metrics(accuracy: float, token_f1: float) -> dict:
         "examples": {"sentiment": 4, "instructions": 2, "out_of_sample": 2},
         "seconds": {"sentiment": 100.04, "generation": 80.0, "text_scores": 3.0},
         "speed": {"sentiment_examples_per_second": 10.0, "generated_tokens_per_second": 75.25},
+        "peak_rss_mib": 1873.6,
     }
 
 
@@ -68,7 +69,8 @@ def write_repo(root: Path) -> Path:
                 "steps": 13,
                 "tokens_per_second": 201.5,
                 "wall_seconds": 61.0,
-                "peak_memory_mib": 2210.4,
+                "precision": "bf16",
+                "peak_rss_mib": 2210.4,
                 "final_loss": 0.2123,
             },
         )
@@ -165,8 +167,8 @@ def test_report_from_fixture_files(tmp_path):
     assert "| sentiment | 0.764 | 0.500 | 0.250 | 0.125 | 0.042 |" in text
     assert "| Model | Token F1 | ROUGE-L | BERTScore F1 |" in text
     assert "| mixed | 0.790 | 0.200 | 0.600 |" in text
-    assert "| sentiment | 100 | 13 | - | 201.5 | 61.0 | 2210.4 | 0.2123 |" in text
-    assert "| base | 100.0 | 80.0 | 3.0 | 10.0 | 75.2 |" in text
+    assert "| sentiment | 100 | 13 | - | 201.5 | 61.0 | bf16 | 2210.4 | 0.2123 |" in text
+    assert "| base | 100.0 | 80.0 | 3.0 | 10.0 | 75.2 | 1874 |" in text
     assert "| base | sentiment | mixed |" in text
     assert "| base says \\| hi<br>there | sentiment says \\| hi<br>there | mixed says \\| hi<br>there |" in text
     assert "### tone" not in text  # report.examples = 1

@@ -102,7 +102,7 @@ def test_training_lowers_the_loss_and_writes_adapter_card_and_curves(tmp_path, t
     losses = [float(line.split("\t")[-1]) for line in curve[1:]]
     assert losses[-1] < losses[0] * 0.7
     assert read_json(job.summary_out) == summary
-    assert summary["steps"] == 24 and summary["tokens_seen"] > 0 and summary["peak_memory_mib"] > 0
+    assert summary["steps"] == 24 and summary["tokens_seen"] > 0 and summary["peak_rss_mib"] > 0
     assert summary["shared_prefix"] is True and summary["processes"] == 1
     assert (job.adapter_out / "adapter_model.safetensors").exists()
     assert (job.adapter_out / "tokenizer.json").exists()

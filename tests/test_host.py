@@ -1,0 +1,135 @@
+"""Choices that depend on the machine: precision by measurement, threads shared between workers, and the
+training-time changes that save memory (passes of fewer rows, frozen weights stored in bf16) train the same."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import make_job
+
+from conftest import tiny_params
+from lorapipe import host, training
+from lorapipe.config import parse_params
+from lorapipe.host import CoreShare, choose_precision
+
+
+@pytest.fixture()
+def params(tmp_path):
+    return parse_params(tiny_params(tmp_path, tmp_path, tmp_path))
+
+
+def fake_timer(rates: dict[str, float]):
+    """A ``step_timer`` that reports ``rates`` instead of timing, and runs no step."""
+    return lambda step, rows: lambda precision: rates[precision]
+
+
+def test_choose_precision_takes_the_faster_and_logs_both(caplog):
+    for rates, expected in (({"fp32": 5.3, "bf16": 2.9}, "fp32"), ({"fp32": 2.1, "bf16": 3.4}, "bf16")):
+        with caplog.at_level("INFO"):
+            choice = choose_precision(rates.__getitem__)
+        assert choice.precision == expected and choice.rates == rates and choice.measured
+        assert f"fp32 {rates['fp32']:.2f}, bf16 {rates['bf16']:.2f}" in caplog.records[-1].message
+
+
+def test_step_timer_warms_up_once_and_reports_examples_per_second():
+    calls = []
+    measure = host.step_timer(lambda precision: calls.append(precision) or time.sleep(0.01), rows=4, repeats=2)
+    rate = measure("fp32")
+    assert calls == ["fp32"] * 3  # one untimed warm-up, two timed
+    assert 4 / 0.05 < rate < 4 / 0.009
+    measure("fp32")
+    assert calls.count("fp32") == 5  # no second warm-up
+
+
+@pytest.mark.parametrize("rates,expected", [({"fp32": 9.0, "bf16": 4.0}, "fp32"), ({"fp32": 4.0, "bf16": 9.0}, "bf16")])
+def test_auto_trains_in_the_measured_faster_precision(tmp_path, tiny_model, params, monkeypatch, rates, expected):
+    monkeypatch.setattr(training, "step_timer", fake_timer(rates))
+    train = params.train.model_copy(update={"max_steps": 2, "cpu_precision": "auto"})
+    summary = training.train_adapter(make_job(tmp_path, tiny_model, params, live=False), params.lora, train)
+    assert summary["precision"] == expected and summary["precision_rates"] == rates and summary["precision_measured"]
+    card = (tmp_path / "adapters" / "sentiment" / "README.md").read_text()
+    assert f"Precision {expected}, chosen by timing this CPU" in card and "fp32 " in card and "bf16 " in card
+
+
+@pytest.mark.parametrize("pinned", ["fp32", "bf16"])
+def test_a_pinned_precision_is_never_measured_or_overridden(tmp_path, tiny_model, params, monkeypatch, pinned):
+    def refuse(step, rows):
+        raise AssertionError("a pinned precision was measured")
+
+    monkeypatch.setattr(training, "step_timer", refuse)
+    train = params.train.model_copy(update={"max_steps": 2, "cpu_precision": pinned})
+    summary = training.train_adapter(make_job(tmp_path, tiny_model, params, live=False), params.lora, train)
+    assert summary["precision"] == pinned and summary["precision_rates"] is None
+    assert not summary["precision_measured"]
+
+
+def adapter_after(tmp_path: Path, tiny_model, params, name: str, **train_update) -> dict[str, torch.Tensor]:
+    job = make_job(tmp_path / name, tiny_model, params, live=False)
+    train = params.train.model_copy(update={"max_steps": 3, **train_update})
+    training.train_adapter(job, params.lora, train)
+    return load_file(job.adapter_out / "adapter_model.safetensors")
+
+
+def test_the_probe_leaves_training_exactly_as_the_pinned_choice(tmp_path, tiny_model, params, monkeypatch):
+    """The probe adds and removes LoRA layers and restores the random state: the adapter is bit-identical."""
+    pinned = adapter_after(tmp_path, tiny_model, params, "pinned", cpu_precision="fp32")
+    real_timer = training.step_timer
+    monkeypatch.setattr(training, "step_timer", lambda step, rows: lambda p: real_timer(step, rows)(p) * (p == "fp32"))
+    probed = adapter_after(tmp_path, tiny_model, params, "auto", cpu_precision="auto")
+    assert pinned.keys() == probed.keys()
+    assert all(torch.equal(pinned[k], probed[k]) for k in pinned)
+
+
+def test_frozen_weights_stored_in_bf16_train_bit_identically(tmp_path, tiny_model, params, monkeypatch):
+    stored = adapter_after(tmp_path, tiny_model, params, "stored", cpu_precision="bf16")
+    monkeypatch.setattr(training, "store_frozen_linears_in_bf16", lambda model: 0)
+    cast = adapter_after(tmp_path, tiny_model, params, "cast", cpu_precision="bf16")
+    assert all(torch.equal(stored[k], cast[k]) for k in stored)
+
+
+def test_passes_of_fewer_rows_train_the_same_adapter(tmp_path, tiny_model, params):
+    lora = params.lora.model_copy(update={"dropout": 0.0})
+    params = params.model_copy(update={"lora": lora})
+    whole = adapter_after(tmp_path, tiny_model, params, "whole", cpu_precision="fp32", pass_tokens=None)
+    split = adapter_after(tmp_path, tiny_model, params, "split", cpu_precision="fp32", pass_tokens=24)
+    summary = (tmp_path / "split" / "metrics" / "train_sentiment.json").read_text()
+    assert '"split_batches": 3' in summary
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+WORKER = """
+import sys, time
+from pathlib import Path
+from lorapipe.host import CoreShare
+share = CoreShare(Path(sys.argv[1]))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_workers_share_the_cores_and_a_finished_one_gives_them_back(tmp_path, monkeypatch):
+    monkeypatch.delenv(host.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(host, "host_cores", lambda: 4)
+    threads = torch.get_num_threads()
+    share = CoreShare(tmp_path)
+    try:
+        assert share.refresh() == 4 and share.workers() == 1
+        other = subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        assert other.stdout.readline().strip() == "ready"
+        assert share.workers() == 2 and share.refresh() == 2 and torch.get_num_threads() == 2
+        other.kill()
+        other.wait()
+        assert share.refresh() == 4 and len(list(tmp_path.iterdir())) == 1  # the dead worker's file is removed
+        monkeypatch.setenv(host.THREADS_ENV, "3")
+        assert share.refresh() == 3
+    finally:
+        share.close()
+        torch.set_num_threads(threads)
