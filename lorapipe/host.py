@@ -53,16 +53,17 @@ def choose_precision(measure: Callable[[str], float], candidates: Sequence[str] 
     return PrecisionChoice(choice, rates)
 
 
-def step_timer(step: Callable[[str], None], rows: int, repeats: int = 2) -> Callable[[str], float]:
-    """A ``measure`` for :func:`choose_precision`: examples/s of ``step(precision)``, best of ``repeats``.
-
-    The first call of each precision is a warm-up (kernel selection, autocast's weight copies), not timed.
+def step_timer(
+    step: Callable[[str], None], rows: int, repeats: int = 1, warm_up: Callable[[str], None] | None = None
+) -> Callable[[str], float]:
+    """A ``measure`` for :func:`choose_precision`: examples/s of ``step(precision)`` (``rows`` examples), best of
+    ``repeats``, after one untimed ``warm_up(precision)`` (kernel selection, first allocations; ``step`` if None).
     """
     warm: set[str] = set()
 
     def measure(precision: str) -> float:
         if precision not in warm:
-            step(precision)
+            (warm_up or step)(precision)
             warm.add(precision)
         best = float("inf")
         for _ in range(repeats):

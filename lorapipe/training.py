@@ -101,7 +101,9 @@ class RefreshThreads(TrainerCallback):
         refresh_threads()
 
 
-PROBE_ROWS = 4  # rows of the timed batch: its rows are as long as the stage's, fewer keeps the probe to seconds
+# The timed batch has the stage's rows (up to 16: fewer rows are dominated by per-layer overheads, which hid
+# most of bf16's 1.9x here); the untimed warm-up runs 2 of them.
+PROBE_ROWS, WARM_UP_ROWS = 16, 2
 
 
 def probe_batch(tokenizer, rows: list[dict[str, Any]], size: int, max_length: int) -> dict[str, torch.Tensor]:
@@ -146,14 +148,16 @@ def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainPara
         use_mask_dropout(peft_model)
         peft_model.train()
 
-        def step(precision: str) -> None:
+        def step(precision: str, rows: int = len(batch["input_ids"])) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = peft_model(**batch, label_head=True, prefix_length=prefix).loss
+                inputs = {key: value[:rows] for key, value in batch.items()}
+                loss = peft_model(**inputs, label_head=True, prefix_length=prefix).loss
             loss.backward()
             peft_model.zero_grad(set_to_none=True)
 
+        measure = step_timer(step, len(batch["input_ids"]), warm_up=lambda precision: step(precision, WARM_UP_ROWS))
         try:
-            choice = all_ranks_agree(choose_precision(step_timer(step, len(batch["input_ids"]))))
+            choice = all_ranks_agree(choose_precision(measure))
         finally:
             peft_model.unload()
             remove_label_head(model)

@@ -118,7 +118,12 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     params["data"]["split"].update(min_confidence=0.6, train_size=24, test_size=12, instruction_test_size=6)
     params["mix"].update(size=20, instruction_share=0.25)
     params["train"].update(
-        batch_size=4, gradient_accumulation_steps=1, max_length=256, save_steps=4, logging_steps=1, learning_rate=5e-3,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        max_length=256,
+        save_steps=4,
+        logging_steps=1,
+        learning_rate=5e-3,
         cpu_precision="fp32",  # pinned: two runs compared must not time their way to different precisions
     )
     params["eval"].update(batch_size=8, generation_batch_size=4, max_new_tokens=8)

@@ -26,7 +26,7 @@ def params(tmp_path):
 
 def fake_timer(rates: dict[str, float]):
     """A ``step_timer`` that reports ``rates`` instead of timing, and runs no step."""
-    return lambda step, rows: lambda precision: rates[precision]
+    return lambda step, rows, **options: lambda precision: rates[precision]
 
 
 def test_choose_precision_takes_the_faster_and_logs_both(caplog):
@@ -39,12 +39,13 @@ def test_choose_precision_takes_the_faster_and_logs_both(caplog):
 
 def test_step_timer_warms_up_once_and_reports_examples_per_second():
     calls = []
-    measure = host.step_timer(lambda precision: calls.append(precision) or time.sleep(0.01), rows=4, repeats=2)
+    step = lambda precision: calls.append(precision) or time.sleep(0.01)  # noqa: E731
+    measure = host.step_timer(step, rows=4, repeats=2, warm_up=lambda precision: calls.append("warm " + precision))
     rate = measure("fp32")
-    assert calls == ["fp32"] * 3  # one untimed warm-up, two timed
+    assert calls == ["warm fp32", "fp32", "fp32"]  # one untimed warm-up, two timed
     assert 4 / 0.05 < rate < 4 / 0.009
     measure("fp32")
-    assert calls.count("fp32") == 5  # no second warm-up
+    assert calls.count("warm fp32") == 1 and calls.count("fp32") == 4
 
 
 @pytest.mark.parametrize("rates,expected", [({"fp32": 9.0, "bf16": 4.0}, "fp32"), ({"fp32": 4.0, "bf16": 9.0}, "bf16")])
@@ -59,7 +60,7 @@ def test_auto_trains_in_the_measured_faster_precision(tmp_path, tiny_model, para
 
 @pytest.mark.parametrize("pinned", ["fp32", "bf16"])
 def test_a_pinned_precision_is_never_measured_or_overridden(tmp_path, tiny_model, params, monkeypatch, pinned):
-    def refuse(step, rows):
+    def refuse(step, rows, **options):
         raise AssertionError("a pinned precision was measured")
 
     monkeypatch.setattr(training, "step_timer", refuse)
@@ -80,7 +81,12 @@ def test_the_probe_leaves_training_exactly_as_the_pinned_choice(tmp_path, tiny_m
     """The probe adds and removes LoRA layers and restores the random state: the adapter is bit-identical."""
     pinned = adapter_after(tmp_path, tiny_model, params, "pinned", cpu_precision="fp32")
     real_timer = training.step_timer
-    monkeypatch.setattr(training, "step_timer", lambda step, rows: lambda p: real_timer(step, rows)(p) * (p == "fp32"))
+
+    def fp32_wins(step, rows, **options):  # the real steps run and are timed; fp32 is made to win
+        measure = real_timer(step, rows, **options)
+        return lambda precision: measure(precision) * (precision == "fp32")
+
+    monkeypatch.setattr(training, "step_timer", fp32_wins)
     probed = adapter_after(tmp_path, tiny_model, params, "auto", cpu_precision="auto")
     assert pinned.keys() == probed.keys()
     assert all(torch.equal(pinned[k], probed[k]) for k in pinned)
