@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from trl import SFTTrainer
 
-from lorapipe.batching import GroupedSampler
+from lorapipe.batching import GroupedSampler, split_rows
 from lorapipe.label_head import add_label_head, shared_prefix_length, use_mask_dropout
 
 log = logging.getLogger(__name__)
@@ -105,39 +103,3 @@ class LabelHeadSFTTrainer(SFTTrainer):
             self._total_train_tokens += tokens
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
-
-
-def pass_cost(rows: int, width: int, prefix: int) -> int:
-    """Tokens a forward pass runs: the shared prefix once, then each row's suffix."""
-    return prefix + rows * (width - prefix)
-
-
-def split_rows(inputs: dict[str, Any], pass_tokens: int | None, shared_prefix: bool) -> list[dict[str, Any]]:
-    """``inputs`` as one pass, or split by rows into the fewest even passes that each run at most ``pass_tokens``.
-
-    Every tensor of shape (rows, width) is split; columns that are padding in all of a pass's rows are dropped
-    (right padding: no real token attends to them). A single row longer than the budget is a pass of its own.
-    """
-    ids = inputs["input_ids"]
-    rows, width = ids.shape
-    prefix = shared_prefix_length(ids, inputs["labels"]) if shared_prefix else 0
-    if pass_tokens is None or pass_cost(rows, width, prefix) <= pass_tokens:
-        return [inputs]
-    fit = max(1, (pass_tokens - prefix) // (width - prefix))
-    size = math.ceil(rows / math.ceil(rows / fit))
-    passes = []
-    for start in range(0, rows, size):
-        part = {
-            key: value[start : start + size] if torch.is_tensor(value) and value.shape[:2] == (rows, width) else value
-            for key, value in inputs.items()
-        }
-        used = int(part["attention_mask"].any(dim=0).nonzero().max()) + 1
-        if used < width:
-            part = {key: _columns(value, width, used) for key, value in part.items()}
-        passes.append(part)
-    return passes
-
-
-def _columns(value: Any, width: int, used: int) -> Any:
-    """The first ``used`` columns of a (rows, width) tensor; anything else as it is."""
-    return value[:, :used] if torch.is_tensor(value) and value.dim() == 2 and value.shape[1] == width else value

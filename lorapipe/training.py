@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorapipe.batching import prefix_key
+from lorapipe.batching import prefix_key, split_rows
 from lorapipe.checkpoints import FINGERPRINT, fingerprint, resume_point
 from lorapipe.config import LoraParams, TrainParams
 from lorapipe.errors import PipelineError
@@ -102,7 +102,7 @@ class RefreshThreads(TrainerCallback):
 
 
 # The timed batch has the stage's rows (up to 16: fewer rows are dominated by per-layer overheads, which hid
-# most of bf16's 1.9x here); the untimed warm-up runs 2 of them.
+# most of bf16's 1.9x here), run in the stage's passes; the untimed warm-up runs 2 of them.
 PROBE_ROWS, WARM_UP_ROWS = 16, 2
 
 
@@ -141,7 +141,6 @@ def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainPara
         PartialState()
     batch = probe_batch(tokenizer, rows, min(train.batch_size, PROBE_ROWS), train.max_length)
     shared = use_shared_prefix(train, model, quiet=True)
-    prefix = shared_prefix_length(batch["input_ids"], batch["labels"]) if shared else 0
     with torch.random.fork_rng(devices=[]):
         peft_model = get_peft_model(model, lora_config(lora))
         add_label_head(model)
@@ -149,10 +148,12 @@ def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainPara
         peft_model.train()
 
         def step(precision: str, rows: int = len(batch["input_ids"])) -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                inputs = {key: value[:rows] for key, value in batch.items()}
-                loss = peft_model(**inputs, label_head=True, prefix_length=prefix).loss
-            loss.backward()
+            rows_batch = {key: value[:rows] for key, value in batch.items()}
+            for inputs in split_rows(rows_batch, train.pass_tokens, shared):  # as training runs it: same memory
+                prefix = shared_prefix_length(inputs["input_ids"], inputs["labels"]) if shared else 0
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = peft_model(**inputs, label_head=True, prefix_length=prefix).loss
+                loss.backward()
             peft_model.zero_grad(set_to_none=True)
 
         measure = step_timer(step, len(batch["input_ids"]), warm_up=lambda precision: step(precision, WARM_UP_ROWS))
