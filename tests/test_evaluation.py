@@ -243,7 +243,8 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
     write_outputs(outputs, tmp_path / "metrics" / "m.json", tmp_path / "predictions" / "m")
 
     metrics = json.loads((tmp_path / "metrics" / "m.json").read_text())
-    assert set(metrics) == {"sentiment", "instructions", "examples", "seconds", "speed"}
+    assert set(metrics) == {"sentiment", "instructions", "examples", "seconds", "speed", "peak_rss_mib"}
+    assert metrics["peak_rss_mib"] > 100  # this process's peak resident memory, in MiB
     assert set(metrics["seconds"]) == {"sentiment", "generation", "text_scores"}
     assert set(metrics["sentiment"]["generate"]) == {"accuracy", "f1", "precision", "recall", "no_label_rate"}
     assert set(metrics["sentiment"]["score"]) == {"accuracy", "f1", "precision", "recall"}
