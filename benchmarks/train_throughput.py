@@ -39,7 +39,7 @@ from lorapipe.io import write_jsonl
 from lorapipe.label_head import use_mask_dropout
 from lorapipe.modeling import choose_hardware, load_causal_lm, load_tokenizer, store_frozen_linears_in_bf16
 from lorapipe.records import read_records
-from lorapipe.training import TrainJob, lora_config, measure_precision, train_adapter
+from lorapipe.training import TrainJob, lora_config, measure_precision, tokenize_records, train_adapter
 
 MEASURE_SECONDS = 0.25  # per distinct shape and kind: a second or two a kind for a Llama model
 
@@ -99,21 +99,6 @@ def contenders_precision(requested: str, params, params_file: Path, model, token
     return choice.precision, f"the train stage's choice, timed here ({timed} examples/s, forward + backward)"
 
 
-def encode(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
-    """(token ids of prompt + answer, prompt length) per record, as the chat template renders them."""
-    encoded = []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
-        encoded.append(
-            (
-                tokenizer(full, add_special_tokens=False)["input_ids"],
-                len(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
-            )
-        )
-    return encoded
-
-
 def bare_loop(base: Path, rows: list[dict], params, precision: str) -> dict:
     """The same arithmetic as the train stage without a shared prefix, and nothing else."""
     from peft import get_peft_model
@@ -129,7 +114,7 @@ def bare_loop(base: Path, rows: list[dict], params, precision: str) -> dict:
     causal_lm = model.get_base_model()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=params.train.learning_rate, weight_decay=params.train.weight_decay)
-    examples = sorted(encode(tokenizer, rows), key=lambda example: len(example[0]))  # the least padding
+    examples = sorted(tokenize_records(tokenizer, rows), key=lambda example: len(example[0]))  # the least padding
     size = params.train.batch_size
     steps = -(-len(examples) // size)
     schedule = get_scheduler(params.train.lr_scheduler, optimizer, math.ceil(params.train.warmup_ratio * steps), steps)
@@ -238,7 +223,7 @@ def main() -> None:
     params = load_params(args.params)
     rows = read_records(args.train_file, limit=args.examples)
     tokenizer = load_tokenizer(args.base)
-    encoded = encode(tokenizer, rows)
+    encoded = tokenize_records(tokenizer, rows)
     tokens_per_example = sum(len(ids) for ids, _ in encoded) / len(encoded)
     label_tokens = sum(len(ids) - prompt for ids, prompt in encoded) / len(encoded)
     size = params.train.batch_size

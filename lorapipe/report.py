@@ -160,9 +160,7 @@ def _cost_section(inputs: ReportInputs) -> list[str]:
     return [
         "## Evaluation cost",
         "",
-        *_table(
-            ["Model", *(title for _, title in COST), "Tweets/s", "Generated tokens/s", "Peak memory (RSS, MiB)"], rows
-        ),
+        *_table(["Model", *(title for _, title in COST), *EVAL_SPEED], rows),
     ]
 
 

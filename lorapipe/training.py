@@ -106,18 +106,26 @@ class RefreshThreads(TrainerCallback):
 PROBE_ROWS, WARM_UP_ROWS = 16, 2
 
 
+def tokenize_records(
+    tokenizer, rows: list[dict[str, Any]], max_length: int | None = None
+) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + answer, cut to ``max_length``; prompt length) per record, as the chat template renders
+    them."""
+    encoded = []
+    for record in rows:
+        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+        encoded.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
+    return encoded
+
+
 def probe_batch(tokenizer, rows: list[dict[str, Any]], size: int, max_length: int) -> dict[str, torch.Tensor]:
     """``size`` records of the most common opening (the stage's usual batch), tokenised as training does."""
     keys = [prefix_key(r["prompt"]) for r in rows]
     common = max(set(keys), key=keys.count)
     chosen = [r for r, key in zip(rows, keys, strict=True) if key == common][:size]
-    encoded = []
-    for record in chosen:
-        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
-        encoded.append((ids, [-100] * len(prompt_ids) + ids[len(prompt_ids) :]))
+    encoded = [(ids, [-100] * prompt + ids[prompt:]) for ids, prompt in tokenize_records(tokenizer, chosen, max_length)]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return {
