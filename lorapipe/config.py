@@ -240,7 +240,11 @@ class TrainParams(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = doc("learning-rate schedule")
     warmup_ratio: float = doc("share of the steps spent warming up the learning rate", ge=0, lt=1)
     weight_decay: float = doc("AdamW weight decay on the LoRA weights", ge=0)
-    max_length: int = doc("truncate longer examples to this many tokens", gt=0)
+    max_length: int = doc("most tokens of an example (prompt and answer)", gt=0)
+    overlong: Literal["drop", "refuse", "truncate"] = doc(
+        "examples longer than max_length: drop them, refuse the file, or truncate them (which cuts the answer and "
+        "its end-of-turn token: the model learns not to stop); the train summary counts them"
+    )
     shared_prefix: bool = doc("run the tokens all rows of a batch start with once per batch, batching alike records")
     group_by_length: bool = doc("batch examples of similar length (less padding)")
     attention: Literal["auto", "eager", "sdpa"] = doc(
@@ -283,6 +287,10 @@ class EvalParams(Section):
     sentiment_size: int | None = doc("score only the first N test tweets; null: all", gt=0)
     instruction_size: int | None = doc("answer only the first N test instructions; null: all", gt=0)
     precision: Literal["fp32", "bf16"] = doc("inference precision on a CPU: fp32, or bf16 autocast")
+    adapter_base: Literal["as_trained", "merged"] = doc(
+        "as_trained: an adapter trained on the 4-bit base is scored unmerged on it (needs CUDA); "
+        "merged: merged into the full-precision base"
+    )
     bertscore_model: str = doc("BERTScore encoder: a folder, an installed package that ships one, or a hub id")
     bertscore_num_layers: int = doc("encoder layers BERTScore reads", gt=0)
 

@@ -58,7 +58,7 @@ def render(tokenizer, conversations: Sequence[Conversation]) -> list[str]:
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    # The chat template writes any BOS token itself.
+    # The chat template writes the BOS token (lorapipe.modeling.chat_template_with_bos makes sure it does).
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 

@@ -91,6 +91,11 @@ def _sentiment_section(inputs: ReportInputs) -> list[str]:
             ]
         )
     lines += _table(["Model", *(title for _, title in SCORES)], rows)
+    scored_on = [
+        f"{name}: {inputs.metrics[name]['scored_on']}" for name in inputs.models if "scored_on" in inputs.metrics[name]
+    ]
+    if scored_on:
+        lines += ["Weights each model was scored with: " + "; ".join(scored_on) + ".", ""]
     lines += [
         "**Generation**: the first label word in the model's greedy answer; an answer that names no label "
         "counts as wrong.",

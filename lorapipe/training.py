@@ -79,6 +79,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     rows = read_records(job.train_file)
     with shared_cores():
         tokenizer, model = load_model(job.base_model, lora, train, hardware)
+        rows, overlong = fit_to_max_length(tokenizer, rows, train, job.train_file)
         choice = PrecisionChoice(hardware.precision)
         if hardware.precision == "auto":
             choice = measure_precision(model, tokenizer, rows, lora, train)
@@ -90,6 +91,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - started
     summary = summarise(job, trainer, result, hardware, len(rows), wall, resume, choice)
+    summary.update(overlong_records=overlong, overlong=train.overlong)
     save_adapter(job, trainer, lora, train, summary, len(rows))
     return summary
 
@@ -118,6 +120,32 @@ def tokenize_records(
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
         encoded.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
     return encoded
+
+
+def fit_to_max_length(
+    tokenizer, rows: list[dict[str, Any]], train: TrainParams, source: Path
+) -> tuple[list[dict[str, Any]], int]:
+    """``rows`` without those longer than ``train.max_length`` tokens (``train.overlong: drop``), and their count.
+
+    Truncating keeps the start, so a long record loses its answer's end and the end-of-turn token, and the model
+    learns to run on; ``refuse`` stops at the first such record, ``truncate`` keeps them cut (TRL's way).
+    """
+    lengths = [len(ids) for ids, _ in tokenize_records(tokenizer, rows)]
+    over = {i for i, length in enumerate(lengths) if length > train.max_length}
+    if not over or train.overlong == "truncate":
+        if over:
+            log.warning("%d records longer than %d tokens are truncated (train.overlong)", len(over), train.max_length)
+        return rows, len(over)
+    if train.overlong == "refuse":
+        first = min(over)
+        raise PipelineError(
+            f"{source}: line {first + 1}: {lengths[first]} tokens, more than train.max_length {train.max_length} "
+            f"({len(over)} such records); raise train.max_length, or set train.overlong to drop or truncate"
+        )
+    if len(over) == len(rows):
+        raise PipelineError(f"{source}: every record is longer than train.max_length {train.max_length} tokens")
+    log.info("dropped %d of %d records longer than %d tokens (train.overlong)", len(over), len(rows), train.max_length)
+    return [row for i, row in enumerate(rows) if i not in over], len(over)
 
 
 def probe_batch(tokenizer, rows: list[dict[str, Any]], size: int, max_length: int) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from lorapipe.config import load_params
 from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
 from lorapipe.host import shared_cores
 from lorapipe.io import run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
+from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, scoring_base, tokenizer_dir
 
 log = logging.getLogger("lorapipe.stages.evaluate")
 
@@ -52,12 +52,14 @@ def main() -> None:
             write_outputs(evaluate_baseline(train, data.sentiment), args.baseline_metrics, args.baseline_predictions)
         with shared_cores():
             started = time.perf_counter()
-            model = load_for_inference(args.base, adapter, params.precision)
+            on = scoring_base(adapter, as_trained=params.adapter_base == "as_trained")
+            model = load_for_inference(args.base, adapter, params.precision, on)
             tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")
             log.info(
                 "loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started
             )
             outputs = evaluate_model(model, tokenizer, data, params)
+        outputs.metrics["scored_on"] = on.describe(model.dtype, adapter is not None)
         write_outputs(outputs, args.metrics, args.predictions)
 
     run_stage(f"evaluate {args.adapter or args.base}", body)

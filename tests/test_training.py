@@ -15,7 +15,9 @@ from lorapipe.config import parse_params
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json, write_jsonl
 from lorapipe.modeling import choose_hardware, load_for_inference, load_tokenizer
-from lorapipe.training import TrainJob, lora_config, sft_config, train_adapter
+from lorapipe.prompts import sentiment_prompt
+from lorapipe.records import record
+from lorapipe.training import TrainJob, fit_to_max_length, lora_config, sft_config, train_adapter
 
 
 @pytest.fixture()
@@ -93,9 +95,12 @@ def test_cpu_fallbacks_are_named(params):
 def test_training_lowers_the_loss_and_writes_adapter_card_and_curves(tmp_path, tiny_model, params, caplog):
     train = params.train.model_copy(update={"epochs": 3, "learning_rate": 1e-2})
     lora = params.lora.model_copy(update={"target_modules": "all-linear"})
+    # One record longer than train.max_length: dropped (train.overlong: drop) and counted, not cut.
+    write_jsonl(tmp_path / "train.jsonl", [*sentiment_rows(params.prompt), overlong_record(params)])
     job = make_job(tmp_path, tiny_model, params)
     with caplog.at_level(logging.INFO):
         summary = train_adapter(job, lora, train)
+    assert summary["overlong_records"] == 1 and summary["overlong"] == "drop"
     assert any(r.levelname == "WARNING" and "fallback: no CUDA" in r.message for r in caplog.records)
     assert any("shared prefix on" in r.message for r in caplog.records)
     curve = (job.live_dir / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
@@ -223,3 +228,75 @@ def test_a_checkpoint_cut_off_by_kill_9_is_removed_and_the_previous_one_resumed(
         summary = train_adapter(job, params.lora, train)
     assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 6
     assert any("checkpoint-4: written only in part" in r.message for r in caplog.records)
+
+
+ZEPHYR_STYLE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@pytest.fixture()
+def bos_model(tiny_model, tmp_path):
+    """The tiny model with a Llama-style tokenizer (BOS put first on plain text) and a template that writes none."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    from conftest import build_tiny_tokenizer
+
+    folder = tmp_path / "bos-model"
+    shutil.copytree(tiny_model, folder)
+    tokenizer = build_tiny_tokenizer()
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = ZEPHYR_STYLE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_models_pretrained_with_bos_see_it_in_training_and_decoding(bos_model, params):
+    from lorapipe.decoding import encode, render
+
+    tokenizer = load_tokenizer(bos_model)
+    bos = tokenizer.bos_token_id
+    rows = sentiment_rows(params.prompt, 2)
+    conversation = rows[0]["prompt"]
+    assert encode(tokenizer, render(tokenizer, [conversation]))[0][0] == bos
+    assert render(tokenizer, [conversation])[0].count(tokenizer.bos_token) == 1
+    trainer = trainer_for(bos_model, params, rows)
+    assert [ids[:2].count(bos) for ids in trainer.train_dataset["input_ids"]] == [1, 1]
+    assert all(ids[0] == bos for ids in trainer.train_dataset["input_ids"])
+    # Loading again (the adapter folder saves the amended template) does not put a second one.
+    tokenizer.save_pretrained(bos_model)
+    again = load_tokenizer(bos_model)
+    assert render(again, [conversation])[0].count(again.bos_token) == 1
+
+
+def test_a_template_is_left_alone_where_the_model_was_pretrained_without_bos(tiny_model, params):
+    from conftest import CHATML
+
+    tokenizer = load_tokenizer(tiny_model)
+    assert tokenizer("x", add_special_tokens=True)["input_ids"] == tokenizer("x", add_special_tokens=False)["input_ids"]
+    assert tokenizer.chat_template == CHATML
+
+
+def overlong_record(params) -> dict:
+    return record(sentiment_prompt("love this " * 150, params.prompt), "positive", label="positive", text="long")
+
+
+def test_records_longer_than_max_length_are_dropped_refused_or_truncated_as_params_say(tiny_model, params):
+    tokenizer = load_tokenizer(tiny_model)
+    rows = [*sentiment_rows(params.prompt, 3), overlong_record(params)]
+    source = Path("data/train.jsonl")
+    drop = params.train.model_copy(update={"overlong": "drop"})
+    kept, count = fit_to_max_length(tokenizer, rows, drop, source)
+    assert kept == rows[:3] and count == 1
+    truncate = params.train.model_copy(update={"overlong": "truncate"})
+    assert fit_to_max_length(tokenizer, rows, truncate, source) == (rows, 1)
+    refuse = params.train.model_copy(update={"overlong": "refuse"})
+    with pytest.raises(PipelineError, match=r"data/train.jsonl: line 4: \d+ tokens, more than train.max_length 256"):
+        fit_to_max_length(tokenizer, rows, refuse, source)
+    assert fit_to_max_length(tokenizer, rows[:3], refuse, source) == (rows[:3], 0)
