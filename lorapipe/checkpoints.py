@@ -56,11 +56,9 @@ def _by_step(folder: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resume_point(checkpoints: Path, expected: dict[str, Any], remove: bool = True) -> Path | None:
-    """The newest complete checkpoint trained from ``expected``'s inputs, or None.
-
-    With ``remove`` (the main process), checkpoints of other inputs and incomplete ones are deleted.
-    """
+def resume_point(checkpoints: Path, expected: dict[str, Any]) -> Path | None:
+    """The newest complete checkpoint trained from ``expected``'s inputs, or None; checkpoints of other inputs and
+    incomplete ones are deleted (by the main process only: see ``lorapipe.training.resume_checkpoint``)."""
     if not checkpoints.is_dir():
         return None
     stamp = checkpoints / FINGERPRINT
@@ -69,7 +67,7 @@ def resume_point(checkpoints: Path, expected: dict[str, Any], remove: bool = Tru
     except ValueError:
         previous = None
     if previous is None or previous.get("digest") != expected["digest"]:
-        if any(checkpoints.iterdir()) and remove:
+        if any(checkpoints.iterdir()):
             log.info("checkpoints in %s come from other params or data: starting over", checkpoints)
             shutil.rmtree(checkpoints)
         return None
@@ -77,7 +75,7 @@ def resume_point(checkpoints: Path, expected: dict[str, Any], remove: bool = Tru
     for checkpoint in _by_step(checkpoints):
         if is_complete(checkpoint):
             resume = checkpoint
-        elif remove:
+        else:
             log.warning("removing %s: written only in part (the run was interrupted while saving it)", checkpoint)
             shutil.rmtree(checkpoint)
     return resume

@@ -68,6 +68,7 @@ class TrainJob:
 
 def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware: Hardware | None = None) -> dict:
     """Fine-tune a LoRA adapter on ``job.train_file``; write the adapter, its card, the curves and a summary."""
+    from accelerate import PartialState
     from transformers import set_seed
 
     hardware = hardware or choose_hardware(train)
@@ -77,6 +78,8 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     # here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
     set_seed(train.seed)
     rows = read_records(job.train_file)
+    if launched_distributed():  # join the other processes now: the ranks agree on precision and resume point
+        PartialState()
     with shared_cores():
         tokenizer, model = load_model(job.base_model, lora, train, hardware)
         rows, overlong = fit_to_max_length(tokenizer, rows, train, job.train_file)
@@ -171,10 +174,6 @@ def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainPara
     """
     from peft import get_peft_model
 
-    if "LOCAL_RANK" in os.environ:  # launched with several processes: join them now, the ranks must agree
-        from accelerate import PartialState
-
-        PartialState()
     batch = probe_batch(tokenizer, rows, min(train.batch_size, PROBE_ROWS), train.max_length)
     shared = use_shared_prefix(train, model, quiet=True)
     with torch.random.fork_rng(devices=[]):
@@ -229,16 +228,29 @@ def check_target_modules(model, lora: LoraParams) -> None:
 
 
 def resume_checkpoint(job: TrainJob, lora: LoraParams, train: TrainParams) -> Path | None:
-    """The complete checkpoint of the same inputs to resume from, or None; stamps the folder with the inputs."""
-    expected = fingerprint({"lora": lora.model_dump(), "train": train.model_dump()}, job.train_file, job.base_model)
-    main = int(os.environ.get("RANK", 0)) == 0
-    resume = resume_point(job.checkpoints, expected, remove=main)
-    if main:
+    """The complete checkpoint of the same inputs to resume from, or None; stamps the folder with the inputs.
+
+    Rank 0 alone looks (it deletes stale checkpoints and rewrites the stamp while it does) and sends its answer
+    to the other ranks, so they all resume from the same step.
+    """
+    distributed = launched_distributed() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    decided: list[str | None] = [None]
+    if rank == 0:
+        expected = fingerprint({"lora": lora.model_dump(), "train": train.model_dump()}, job.train_file, job.base_model)
+        resume = resume_point(job.checkpoints, expected)
         job.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json(job.checkpoints / FINGERPRINT, expected)
-    if resume:
-        log.info("resuming from %s", resume)
-    return resume
+        decided = [resume.name if resume else None]
+        log.info("rank 0 decided: resume from %s", decided[0] or "the start")
+    if distributed:
+        torch.distributed.broadcast_object_list(decided, src=0)
+    return job.checkpoints / decided[0] if decided[0] else None
+
+
+def launched_distributed() -> bool:
+    """Whether accelerate launched this process as one of several."""
+    return "LOCAL_RANK" in os.environ
 
 
 def lora_config(lora: LoraParams):
@@ -441,5 +453,8 @@ def save_adapter(job: TrainJob, trainer, lora, train, summary: dict, examples: i
     (staging / "README.md").write_text(render_model_card(facts), encoding="utf-8")
     write_json(staging / CARD_FACTS, dataclasses.asdict(facts))  # the report renders the card again with evaluation
     replace_dir(staging, job.adapter_out)
+    log.info(
+        "rank %d wrote %s", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0, job.adapter_out
+    )
     with atomic_file(job.summary_out) as tmp:
         write_json(tmp, summary)
