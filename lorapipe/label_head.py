@@ -130,6 +130,8 @@ class MaskDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
+        if self.threshold >= self.LEVELS:  # p rounds to 1: every entry dropped (nn.Dropout(1.0) gives zeros too)
+            return x * 0.0
         size = x.numel()
         words = torch.empty((size + 3) // 4, dtype=torch.int64, device=x.device).random_()
         lanes = words.view(torch.int16)[:size].view(x.shape) & (self.LEVELS - 1)
@@ -153,3 +155,22 @@ def supports_label_head(model) -> bool:
     """Models whose logits are a plain projection of the last hidden state (no soft-capping or scaling)."""
     config = model.config.get_text_config()
     return not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+
+
+def label_head_agrees(model, batch: dict[str, torch.Tensor], tolerance: float = 1e-4) -> bool:
+    """Whether the label-head loss equals the model's own loss on ``batch`` (no dropout, no grad).
+
+    A model that transforms its logits in a way :func:`supports_label_head` does not know (Granite divides them
+    by ``logits_scaling``) fails here, once at the start, instead of training on another loss.
+    """
+    was_training = model.training
+    add_label_head(model)
+    model.eval()
+    try:
+        with torch.no_grad():
+            ours = model(**batch, label_head=True).loss.float()
+            own = model(**batch).loss.float()
+    finally:
+        remove_label_head(model)
+        model.train(was_training)
+    return bool(torch.isclose(ours, own, rtol=tolerance, atol=tolerance))

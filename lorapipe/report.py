@@ -7,7 +7,8 @@ render a report from a few fixture values; :func:`write_report` adds the figures
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lorapipe.figures import BASELINE_TITLE, CONFUSION_PNG, CURVES_PNG, draw_figures
@@ -200,12 +201,26 @@ def _provenance_section(inputs: ReportInputs) -> list[str]:
             sources += [[name, describe_source(entry)] for name, entry in manifest.items()]
     if sources:
         lines += _table(["Source", "Version"], sources)
+    lines += [note for manifest in inputs.manifests.values() if (note := gguf_note(manifest))]
     if inputs.dvc_lock:
         rows = [[stage, f"`{path}`", f"`{digest}`"] for stage, outs in inputs.dvc_lock.items() for path, digest in outs]
         lines += ["Outputs as recorded in dvc.lock:", "", *_table(["Stage", "Output", "Hash"], rows)]
     if inputs.params_text:
         lines += ["Parameters (params.yaml):", "", "```yaml", inputs.params_text.rstrip(), "```", ""]
     return lines
+
+
+def gguf_note(manifest: dict[str, Any]) -> str | None:
+    """What a base model converted from a GGUF file is: its quantised weights dequantised, not the original ones."""
+    source = manifest.get("source", {})
+    if "name" not in manifest or source.get("format") != "gguf":
+        return None
+    file = PurePosixPath(source.get("member") or source.get("path") or "").name
+    kind = match.group(1) if (match := re.search(r"\.([A-Za-z0-9_]+)\.gguf$", file)) else "quantised"
+    return (
+        f"The base model is `{file}`, {kind} GGUF weights dequantised to fp32: every figure of the base model, and "
+        f"every adapter trained on it, is of these weights, not of {manifest['name']}'s original release.\n"
+    )
 
 
 def _cards_section(inputs: ReportInputs) -> list[str]:

