@@ -826,6 +826,11 @@ def test_bad_input_stops_with_one_clear_line(
     assert not changed, f"the failed run changed its previous outputs: {changed}"
 
 
-def test_there_are_at_least_thirty_distinct_cases() -> None:
+def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) >= 30 and len(set(ids)) == len(ids)
+    assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
+    per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
+    assert all(count >= 1 for count in per_command.values()), per_command
+    commands = [stage["cmd"] for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()]
+    scripts = {" ".join(cmd if isinstance(cmd, list) else [cmd]).split()[1] for cmd in commands}
+    assert {f"stages/{command}.py" for command in OUTPUTS} >= scripts  # every stage script is tried with bad input

@@ -180,6 +180,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
 
     summary = train_adapter(job, params.lora, train)
     assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 6
+    assert_same_adapter(job.adapter_out, uninterrupted(tmp_path, tiny_model, params, train))
 
     changed = params.lora.model_copy(update={"r": 4})
     assert train_adapter(job, changed, train)["resumed_from"] is None
@@ -228,6 +229,22 @@ def test_a_checkpoint_cut_off_by_kill_9_is_removed_and_the_previous_one_resumed(
         summary = train_adapter(job, params.lora, train)
     assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 6
     assert any("checkpoint-4: written only in part" in r.message for r in caplog.records)
+    assert_same_adapter(job.adapter_out, uninterrupted(tmp_path, tiny_model, params, train))
+
+
+def uninterrupted(tmp_path: Path, tiny_model: Path, params, train) -> Path:
+    """The adapter of the same run without an interruption."""
+    job = make_job(tmp_path, tiny_model, params, name="uninterrupted", live=False)
+    train_adapter(job, params.lora, train)
+    return job.adapter_out
+
+
+def assert_same_adapter(resumed: Path, reference: Path) -> None:
+    """A resumed run ends where the uninterrupted one does: same data order, RNG and optimizer state."""
+    got, want = (load_file(folder / "adapter_model.safetensors") for folder in (resumed, reference))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-5, atol=1e-7), key
 
 
 ZEPHYR_STYLE = (
