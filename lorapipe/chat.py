@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from lorapipe.adapters import scoring_base
 from lorapipe.config import PromptParams, load_params
 from lorapipe.decoding import generate_answers
 from lorapipe.errors import PipelineError
-from lorapipe.modeling import load_for_inference, load_tokenizer, scoring_base, tokenizer_dir
+from lorapipe.modeling import load_for_inference, load_tokenizer, tokenizer_dir
 from lorapipe.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.records import Conversation, read_records
 
@@ -32,7 +33,7 @@ def conversations(texts: list[str], prompt: PromptParams, tweets: bool) -> list[
 def answer(base: Path, adapter: Path | None, prompts: list[Conversation], max_new_tokens: int = 128) -> list[str]:
     # As trained where that is possible: a QLoRA adapter on its 4-bit base on CUDA, merged in full precision on a CPU.
     on = scoring_base(adapter, as_trained=torch.cuda.is_available())
-    model = load_for_inference(base, adapter, on=on)
+    model = load_for_inference(base, adapter, four_bit=on.four_bit)
     tokenizer = load_tokenizer(tokenizer_dir(base, adapter), padding_side="left")
     return generate_answers(model, tokenizer, prompts, batch_size=8, max_new_tokens=max_new_tokens).texts
 

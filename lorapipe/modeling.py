@@ -15,8 +15,6 @@ import torch
 
 from lorapipe.config import TrainParams
 from lorapipe.errors import PipelineError
-from lorapipe.io import read_json
-from lorapipe.model_card import CARD_FACTS
 
 log = logging.getLogger(__name__)
 
@@ -255,55 +253,23 @@ def tokenizer_dir(base: Path, adapter: Path | None) -> Path:
     return Path(base)
 
 
-@dataclass(frozen=True)
-class ScoringBase:
-    """The weights an adapter is used on: merged into the full-precision base, or unmerged on the 4-bit base it
-    was trained on (a QLoRA adapter learned to correct the 4-bit weights, not the full-precision ones)."""
-
-    quantize_4bit: bool = False
-    compute_precision: str = "fp16"
-
-    def describe(self, dtype: torch.dtype, adapter: bool) -> str:
-        if self.quantize_4bit:
-            return f"4-bit nf4 base ({self.compute_precision} compute), adapter unmerged as trained"
-        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-        return f"{name} base" + (", adapter merged" if adapter else "")
-
-
-def scoring_base(adapter: Path | None, as_trained: bool = True, cuda: bool | None = None) -> ScoringBase:
-    """Where ``adapter`` is used: on the base its training recorded (its ``card.json``), unless ``as_trained`` is
-    off, which merges a QLoRA adapter into the full-precision base (as export does)."""
-    card = Path(adapter) / CARD_FACTS if adapter is not None else None
-    summary = read_json(card).get("summary", {}) if card is not None and card.is_file() else {}
-    if not summary.get("quantized_4bit") or not as_trained:
-        return ScoringBase()
-    if not (torch.cuda.is_available() if cuda is None else cuda):
-        raise PipelineError(
-            f"{card}: summary.quantized_4bit: the adapter was trained on the 4-bit base, and scoring it as trained "
-            "needs CUDA with bitsandbytes; set eval.adapter_base: merged to score it merged into the full-precision "
-            "base instead"
-        )
-    return ScoringBase(quantize_4bit=True, compute_precision=summary.get("precision") or "fp16")
-
-
 def load_for_inference(
-    base: str | Path, adapter: str | Path | None = None, precision: str = "fp32", on: ScoringBase | None = None
+    base: str | Path, adapter: str | Path | None = None, precision: str = "fp32", four_bit: str | None = None
 ):
-    """The base model with an adapter, on a GPU if there is one: merged in, or unmerged on the 4-bit base ``on``
-    names (see :func:`scoring_base`).
+    """The base model with an adapter, on a GPU if there is one: merged in, or with ``four_bit`` (its compute
+    precision) unmerged on the 4-bit base as QLoRA trained it (see :func:`lorapipe.adapters.scoring_base`).
 
     fp32 weights on a CPU (bf16 there means autocast, see :func:`inference_precision`); on a GPU, bf16
     precision loads bf16 weights (fp16 where the GPU has no bf16), half the memory of fp32.
     """
     from safetensors import SafetensorError
 
-    on = on or ScoringBase()
     cuda = torch.cuda.is_available()
     dtype = torch.float32
     if cuda and precision == "bf16":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if on.quantize_4bit:
-        hardware = Hardware("cuda", on.compute_precision, True, "", (), device_map={"": torch.cuda.current_device()})
+    if four_bit is not None:
+        hardware = Hardware("cuda", four_bit, True, "", (), device_map={"": torch.cuda.current_device()})
         model = load_causal_lm(base, hardware)
     else:
         model = load_causal_lm(base, dtype=dtype)
@@ -315,9 +281,9 @@ def load_for_inference(
             model = PeftModel.from_pretrained(model, adapter)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise _load_error(adapter, err, _restore_hint(adapter)) from None
-        if not on.quantize_4bit:
+        if four_bit is None:
             model = model.merge_and_unload()
-    if cuda and not on.quantize_4bit:
+    if cuda and four_bit is None:
         model = model.to("cuda")
     return model.eval()
 

@@ -16,11 +16,12 @@ import logging
 import time
 from pathlib import Path
 
+from lorapipe.adapters import scoring_base
 from lorapipe.config import load_params
 from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
 from lorapipe.host import shared_cores
 from lorapipe.io import run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, scoring_base, tokenizer_dir
+from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
 
 log = logging.getLogger("lorapipe.stages.evaluate")
 
@@ -53,7 +54,7 @@ def main() -> None:
         with shared_cores():
             started = time.perf_counter()
             on = scoring_base(adapter, as_trained=params.adapter_base == "as_trained")
-            model = load_for_inference(args.base, adapter, params.precision, on)
+            model = load_for_inference(args.base, adapter, params.precision, on.four_bit)
             tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")
             log.info(
                 "loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import INSTRUCTIONS, ROOT, TWEETS, instruction_rows, tiny_params, tweet_records, write_tweets_csv
+from lorapipe.adapters import ScoringBase, scoring_base
 from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
 from lorapipe.decoding import (
     common_prefix_length,
@@ -33,7 +34,7 @@ from lorapipe.evaluation import (
 )
 from lorapipe.io import read_json, read_jsonl, write_json, write_jsonl
 from lorapipe.metrics import parse_label
-from lorapipe.modeling import ScoringBase, load_for_inference, load_tokenizer, scoring_base
+from lorapipe.modeling import load_for_inference, load_tokenizer
 from lorapipe.prompts import instruction_prompt
 
 PROMPT = PromptParams(

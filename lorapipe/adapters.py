@@ -1,0 +1,48 @@
+"""Trained adapters as they are used: on which base weights an adapter is scored or chatted with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorapipe.errors import PipelineError
+from lorapipe.io import read_json
+from lorapipe.model_card import CARD_FACTS
+
+
+@dataclass(frozen=True)
+class ScoringBase:
+    """The weights an adapter is used on: merged into the full-precision base, or unmerged on the 4-bit base it
+    was trained on (a QLoRA adapter learned to correct the 4-bit weights, not the full-precision ones)."""
+
+    quantize_4bit: bool = False
+    compute_precision: str = "fp16"
+
+    def describe(self, dtype: torch.dtype, adapter: bool) -> str:
+        if self.quantize_4bit:
+            return f"4-bit nf4 base ({self.compute_precision} compute), adapter unmerged as trained"
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+        return f"{name} base" + (", adapter merged" if adapter else "")
+
+    @property
+    def four_bit(self) -> str | None:
+        """What :func:`lorapipe.modeling.load_for_inference` takes: the 4-bit compute precision, or None."""
+        return self.compute_precision if self.quantize_4bit else None
+
+
+def scoring_base(adapter: Path | None, as_trained: bool = True, cuda: bool | None = None) -> ScoringBase:
+    """Where ``adapter`` is used: on the base its training recorded (its ``card.json``), unless ``as_trained`` is
+    off, which merges a QLoRA adapter into the full-precision base (as export does)."""
+    card = Path(adapter) / CARD_FACTS if adapter is not None else None
+    summary = read_json(card).get("summary", {}) if card is not None and card.is_file() else {}
+    if not summary.get("quantized_4bit") or not as_trained:
+        return ScoringBase()
+    if not (torch.cuda.is_available() if cuda is None else cuda):
+        raise PipelineError(
+            f"{card}: summary.quantized_4bit: the adapter was trained on the 4-bit base, and scoring it as trained "
+            "needs CUDA with bitsandbytes; set eval.adapter_base: merged to score it merged into the full-precision "
+            "base instead"
+        )
+    return ScoringBase(quantize_4bit=True, compute_precision=summary.get("precision") or "fp16")
