@@ -293,6 +293,10 @@ class EvalParams(Section):
     generation_batch_size: int = doc("instructions per generation batch", gt=0)
     max_new_tokens: int = doc("longest generated answer to an instruction, in tokens", gt=0)
     sentiment_max_new_tokens: int = doc("longest generated answer to a tweet, in tokens", gt=0)
+    max_prompt_tokens: int = doc(
+        "longest prompt scored or answered, in tokens; longer ones are cut in the middle (counted in the metrics)",
+        gt=8,
+    )
     sentiment_size: int | None = doc("score only the first N test tweets; null: all", gt=0)
     instruction_size: int | None = doc("answer only the first N test instructions; null: all", gt=0)
     precision: Literal["fp32", "bf16"] = doc("inference precision on a CPU: fp32, or bf16 autocast")

@@ -35,12 +35,14 @@ class SentimentPrediction:
     score_label: str
     answer: str
     generated_label: str | None
+    truncated: bool = False
 
 
 @dataclass(frozen=True)
 class Generated:
     texts: list[str]
     new_tokens: int
+    truncated: int = 0  # prompts cut to max_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,20 @@ def render(tokenizer, conversations: Sequence[Conversation]) -> list[str]:
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     # The chat template writes the BOS token (lorapipe.modeling.chat_template_with_bos makes sure it does).
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def fit_prompts(ids: list[list[int]], max_tokens: int | None) -> tuple[list[list[int]], list[bool]]:
+    """Prompts longer than ``max_tokens`` cut in the middle: the opening every prompt shares (system turn and
+    instruction) and the end (the rest of the user turn and the assistant header, where the answer starts) stay.
+
+    Each row's flag says whether it was cut. A pasted article or a spam row of 100,000 characters would otherwise
+    run for minutes at many GiB, or past the model's context.
+    """
+    if max_tokens is None or all(len(row) <= max_tokens for row in ids):
+        return ids, [False] * len(ids)
+    head = min(common_prefix_length(ids), max_tokens // 2)
+    fitted = [row if len(row) <= max_tokens else row[:head] + row[len(row) - (max_tokens - head) :] for row in ids]
+    return fitted, [len(row) > max_tokens for row in ids]
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -233,6 +249,7 @@ def predict_sentiment(
     labels: Sequence[str] = SENTIMENT_LABELS,
     share_prefix: bool = True,
     stop_when_settled: bool = True,
+    max_prompt_tokens: int | None = None,
 ) -> list[SentimentPrediction]:
     """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
 
@@ -241,7 +258,7 @@ def predict_sentiment(
     the full answer's.
     """
     texts = render(tokenizer, conversations)
-    ids = encode(tokenizer, texts)
+    ids, cut = fit_prompts(encode(tokenizer, texts), max_prompt_tokens)
     label_ids = {label: label_token_ids(tokenizer, texts[0], label) for label in labels}
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     results: list[SentimentPrediction | None] = [None] * len(ids)
@@ -255,7 +272,9 @@ def predict_sentiment(
         for j, row in enumerate(batch.rows):
             logprobs = {label: float(scores[label][j]) for label in labels}
             answer = tokenizer.decode(answers[j], skip_special_tokens=True).strip()
-            results[row] = SentimentPrediction(logprobs, max(logprobs, key=logprobs.get), answer, parse_label(answer))
+            results[row] = SentimentPrediction(
+                logprobs, max(logprobs, key=logprobs.get), answer, parse_label(answer), cut[row]
+            )
     return results
 
 
@@ -268,9 +287,10 @@ def generate_answers(
     max_new_tokens: int,
     share_prefix: bool = True,
     what: str = "generation",
+    max_prompt_tokens: int | None = None,
 ) -> Generated:
     """Greedy answers to each conversation, decoded without special tokens."""
-    ids = encode(tokenizer, render(tokenizer, conversations))
+    ids, cut = fit_prompts(encode(tokenizer, render(tokenizer, conversations)), max_prompt_tokens)
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     texts: list[str] = [""] * len(ids)
     new_tokens = 0
@@ -279,4 +299,4 @@ def generate_answers(
         for row, answer in zip(batch.rows, answers, strict=True):
             texts[row] = tokenizer.decode(answer, skip_special_tokens=True).strip()
             new_tokens += len(answer)
-    return Generated(texts, new_tokens)
+    return Generated(texts, new_tokens, sum(cut))

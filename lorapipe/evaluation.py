@@ -121,6 +121,7 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
                 [r["prompt"] for r in data.sentiment],
                 params.batch_size,
                 params.sentiment_max_new_tokens,
+                max_prompt_tokens=params.max_prompt_tokens,
             ),
         )
         # Held-out and out-of-sample instructions in one length-sorted run: fewer, fuller decoding batches.
@@ -128,7 +129,14 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
         generated = _timed(
             seconds,
             "generation",
-            lambda: generate_answers(model, tokenizer, prompts, params.generation_batch_size, params.max_new_tokens),
+            lambda: generate_answers(
+                model,
+                tokenizer,
+                prompts,
+                params.generation_batch_size,
+                params.max_new_tokens,
+                max_prompt_tokens=params.max_prompt_tokens,
+            ),
         )
     answers, extra = generated.texts[: len(data.instructions)], generated.texts[len(data.instructions) :]
     references = [answer_text(r) for r in data.instructions]
@@ -146,6 +154,8 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
         },
         "instructions": mean_scores(per_pair),
         "examples": {"sentiment": len(actual), "instructions": len(references), "out_of_sample": len(extra)},
+        # Prompts cut in the middle to eval.max_prompt_tokens (tweets; held-out and out-of-sample instructions).
+        "truncated_prompts": {"sentiment": sum(p.truncated for p in predictions), "instructions": generated.truncated},
         "seconds": seconds,
         "peak_rss_mib": peak_rss_mib(),
         "speed": {

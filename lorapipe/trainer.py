@@ -54,6 +54,8 @@ class LabelHeadSFTTrainer(SFTTrainer):
         if self.group_keys is None or dataset is None:
             return super()._get_train_sampler(train_dataset)
         lengths = [len(ids) for ids in dataset["input_ids"]]
+        if len(lengths) != len(self.group_keys):  # a record TRL dropped: the keys would name other rows
+            raise RuntimeError(f"{len(self.group_keys)} group keys for {len(lengths)} tokenised records")
         # Batches of the global size: each process takes its share of one, as one process would take all of it.
         return GroupedSampler(
             self.group_keys,

@@ -135,12 +135,19 @@ def fit_to_max_length(
     Truncating keeps the start, so a long record loses its answer's end and the end-of-turn token, and the model
     learns to run on; ``refuse`` stops at the first such record, ``truncate`` keeps them cut (TRL's way).
     """
-    lengths = [len(ids) for ids, _ in tokenize_records(tokenizer, rows)]
+    encoded = tokenize_records(tokenizer, rows)
+    lengths = [len(ids) for ids, _ in encoded]
     over = {i for i, length in enumerate(lengths) if length > train.max_length}
     if not over or train.overlong == "truncate":
+        # TRL drops a record whose prompt alone fills max_length (nothing of the answer is left): so do we, so
+        # that the rows and the batching's lengths stay aligned with what TRL keeps.
+        answerless = {i for i, (_, prompt) in enumerate(encoded) if prompt >= train.max_length}
         if over:
-            log.warning("%d records longer than %d tokens are truncated (train.overlong)", len(over), train.max_length)
-        return rows, len(over)
+            log.warning(
+                "%d records longer than %d tokens are truncated, %d of them dropped as no answer token is left "
+                "(train.overlong)", len(over), train.max_length, len(answerless),
+            )  # fmt: skip
+        return [row for i, row in enumerate(rows) if i not in answerless], len(over)
     if train.overlong == "refuse":
         first = min(over)
         raise PipelineError(

@@ -15,6 +15,7 @@ from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
 from lorapipe.decoding import (
     common_prefix_length,
     encode,
+    fit_prompts,
     generate_answers,
     label_token_ids,
     predict_sentiment,
@@ -51,6 +52,7 @@ def eval_params(**changes) -> EvalParams:
         generation_batch_size=2,
         max_new_tokens=6,
         sentiment_max_new_tokens=4,
+        max_prompt_tokens=1024,
         sentiment_size=None,
         instruction_size=None,
         precision="fp32",
@@ -76,9 +78,9 @@ def eval_files(prepared: Path) -> tuple[Path, Path, Path]:
     )
 
 
-def write_prepared(folder: Path) -> Path:
+def write_prepared(folder: Path, tweets: list[tuple[str, str]] = TWEETS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "sentiment_test.jsonl", tweet_records(PROMPT))
+    write_jsonl(folder / "sentiment_test.jsonl", tweet_records(PROMPT, tweets))
     write_jsonl(
         folder / "sentiment_train.jsonl",
         tweet_records(PROMPT, [(f"{t} {i}", label) for t, label in TWEETS for i in (1, 2)]),
@@ -245,7 +247,10 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
     write_outputs(outputs, tmp_path / "metrics" / "m.json", tmp_path / "predictions" / "m")
 
     metrics = json.loads((tmp_path / "metrics" / "m.json").read_text())
-    assert set(metrics) == {"sentiment", "instructions", "examples", "seconds", "speed", "peak_rss_mib"}
+    assert set(metrics) == {
+        *("sentiment", "instructions", "examples", "seconds", "speed", "peak_rss_mib", "truncated_prompts")
+    }
+    assert metrics["truncated_prompts"] == {"sentiment": 0, "instructions": 0}
     assert metrics["peak_rss_mib"] > 100  # this process's peak resident memory, in MiB
     assert set(metrics["seconds"]) == {"sentiment", "generation", "text_scores"}
     assert set(metrics["sentiment"]["generate"]) == {"accuracy", "f1", "precision", "recall", "no_label_rate"}
@@ -266,6 +271,25 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
     assert [r["reference"] for r in instructions] == [out for _, _, out in INSTRUCTIONS]
     assert all(0.0 <= r[k] <= 1.0001 for r in instructions for k in ("token_f1", "rouge_l", "bertscore_f1"))
     assert read_jsonl(folder / "out_of_sample.jsonl")[0].keys() == {"id", "instruction", "input", "answer"}
+
+
+def test_a_100000_character_tweet_is_cut_in_the_middle_and_counted(taught_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long_tweet = ("love this " * 10_000).strip()
+    prepared = write_prepared(tmp_path / "prepared", tweets=[*TWEETS, (long_tweet, "positive")])
+    data = load_eval_data(*eval_files(prepared), EVAL)
+    model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
+    metrics = evaluate_model(model, tokenizer, data, eval_params(max_prompt_tokens=64)).metrics
+    assert metrics["truncated_prompts"] == {"sentiment": 1, "instructions": 0}
+    assert metrics["examples"]["sentiment"] == 13 and metrics["peak_rss_mib"] < 4096
+
+
+def test_fit_prompts_keeps_the_shared_opening_and_the_end():
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, *range(100, 120), 9]]
+    fitted, cut = fit_prompts(rows, 8)
+    assert cut == [False, True]
+    assert fitted == [[1, 2, 3, 4, 5], [1, 2, 3, 116, 117, 118, 119, 9]]  # the 3 shared, then the last 5
+    assert fit_prompts(rows, None) == (rows, [False, False])
 
 
 def test_sizes_limit_the_test_sets(tmp_path):

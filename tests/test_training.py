@@ -15,7 +15,7 @@ from lorapipe.config import parse_params
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json, write_jsonl
 from lorapipe.modeling import choose_hardware, load_for_inference, load_tokenizer
-from lorapipe.prompts import sentiment_prompt
+from lorapipe.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.records import record
 from lorapipe.training import TrainJob, fit_to_max_length, lora_config, sft_config, train_adapter
 
@@ -312,8 +312,23 @@ def test_records_longer_than_max_length_are_dropped_refused_or_truncated_as_para
     kept, count = fit_to_max_length(tokenizer, rows, drop, source)
     assert kept == rows[:3] and count == 1
     truncate = params.train.model_copy(update={"overlong": "truncate"})
-    assert fit_to_max_length(tokenizer, rows, truncate, source) == (rows, 1)
+    long_answer = record(instruction_prompt("Name three colours.", "", params.prompt), "Red, green and blue. " * 60)
+    # Truncated: a long answer is kept (cut); a prompt that fills max_length leaves no answer and goes, as in TRL.
+    assert fit_to_max_length(tokenizer, [*rows, long_answer], truncate, source) == ([*rows[:3], long_answer], 2)
     refuse = params.train.model_copy(update={"overlong": "refuse"})
     with pytest.raises(PipelineError, match=r"data/train.jsonl: line 4: \d+ tokens, more than train.max_length 256"):
         fit_to_max_length(tokenizer, rows, refuse, source)
     assert fit_to_max_length(tokenizer, rows[:3], refuse, source) == (rows[:3], 0)
+
+
+def test_a_100000_character_row_is_dropped_or_cut_and_training_runs(tmp_path, tiny_model, params):
+    rows = sentiment_rows(params.prompt, 16)
+    rows.insert(
+        5, record(sentiment_prompt("love this " * 10_000, params.prompt), "positive", label="positive", text="x")
+    )
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    for overlong in ("drop", "truncate"):
+        job = make_job(tmp_path, tiny_model, params, name=overlong, live=False)
+        train = params.train.model_copy(update={"overlong": overlong, "max_steps": 2})
+        summary = train_adapter(job, params.lora, train)
+        assert summary["overlong_records"] == 1 and summary["steps"] == 2
