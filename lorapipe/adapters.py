@@ -1,4 +1,4 @@
-"""Trained adapters as they are used: on which base weights an adapter is scored or chatted with."""
+"""Trained adapters as they are used: on which base, checked, and on which of its weights."""
 
 from __future__ import annotations
 
@@ -46,3 +46,31 @@ def scoring_base(adapter: Path | None, as_trained: bool = True, cuda: bool | Non
             "base instead"
         )
     return ScoringBase(quantize_4bit=True, compute_precision=summary.get("precision") or "fp16")
+
+
+def _base_identity(manifest: dict) -> tuple[str | None, dict]:
+    """What names a base model: its name and its source (hub id and revision, registry file, local path)."""
+    source = {k: v for k, v in manifest.get("source", {}).items() if k not in ("format", "parameters")}
+    return manifest.get("name"), source
+
+
+def check_base(adapter: Path, base: Path, allow_other_base: bool = False) -> None:
+    """Refuse to use ``adapter`` on ``base`` when its card records another base model (name or source).
+
+    An adapter's low-rank update only means something on the weights it was trained on; ``allow_other_base``
+    uses it anyway (a re-fetched copy of the same model from elsewhere, for example). Without a card (an adapter
+    trained elsewhere) or a base manifest there is nothing to compare.
+    """
+    card, manifest = Path(adapter) / CARD_FACTS, Path(base) / "manifest.json"
+    if allow_other_base or not card.is_file() or not manifest.is_file():
+        return
+    recorded, given = _base_identity(read_json(card).get("base_model", {})), _base_identity(read_json(manifest))
+    if recorded != given:
+        raise PipelineError(
+            f"{card}: base_model: the adapter was trained on {recorded[0]} ({_describe(recorded[1])}), but {base} "
+            f"is {given[0]} ({_describe(given[1])}); pass --allow-other-base to use it anyway"
+        )
+
+
+def _describe(source: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in source.items() if key != "kind") or "no source recorded"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lorapipe.adapters import scoring_base
+from lorapipe.adapters import check_base, scoring_base
 from lorapipe.config import PromptParams, load_params
 from lorapipe.decoding import generate_answers
 from lorapipe.errors import PipelineError
@@ -30,7 +30,15 @@ def conversations(texts: list[str], prompt: PromptParams, tweets: bool) -> list[
     return [instruction_prompt(text, "", prompt) for text in texts]
 
 
-def answer(base: Path, adapter: Path | None, prompts: list[Conversation], max_new_tokens: int = 128) -> list[str]:
+def answer(
+    base: Path,
+    adapter: Path | None,
+    prompts: list[Conversation],
+    max_new_tokens: int = 128,
+    allow_other_base: bool = False,
+) -> list[str]:
+    if adapter is not None:
+        check_base(adapter, base, allow_other_base)
     # As trained where that is possible: a QLoRA adapter on its 4-bit base on CUDA, merged in full precision on a CPU.
     on = scoring_base(adapter, as_trained=torch.cuda.is_available())
     model = load_for_inference(base, adapter, four_bit=on.four_bit)
@@ -65,11 +73,14 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=Path("models/base"))
     parser.add_argument("--params", default="params.yaml", help="where the system prompt and templates come from")
     parser.add_argument("--tweet", action="store_true", help="wrap each prompt in the sentiment instruction")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="at least 1")
+    parser.add_argument("--allow-other-base", action="store_true", help="use an adapter trained on another base")
     args = parser.parse_args()
     try:
+        if args.max_new_tokens < 1:
+            raise PipelineError(f"--max-new-tokens {args.max_new_tokens}: an answer needs at least 1 new token")
         shown, prompts = read_prompts(args, load_params(args.params).prompt)
-        answers = answer(args.base, args.adapter, prompts, args.max_new_tokens)
+        answers = answer(args.base, args.adapter, prompts, args.max_new_tokens, args.allow_other_base)
     except PipelineError as err:
         sys.exit(f"error: {err}")
     for text, reply in zip(shown, answers, strict=True):

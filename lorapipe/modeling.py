@@ -281,11 +281,35 @@ def load_for_inference(
             model = PeftModel.from_pretrained(model, adapter)
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise _load_error(adapter, err, _restore_hint(adapter)) from None
+        check_adapter_loaded(model, adapter)
         if four_bit is None:
             model = model.merge_and_unload()
     if cuda and four_bit is None:
         model = model.to("cuda")
     return model.eval()
+
+
+def check_adapter_loaded(model, adapter: Path) -> None:
+    """Every weight in the adapter file went into the model; PEFT only warns about those that did not (a module
+    named ``qq_proj`` in the file would leave ``q_proj`` unadapted)."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = set(handle.keys())
+    loaded = set(get_peft_model_state_dict(model))
+    if saved - loaded:
+        first = sorted(saved - loaded)[0]
+        raise PipelineError(
+            f"{weights}: {len(saved - loaded)} of its {len(saved)} weights match no module of the base model, "
+            f"e.g. {first}; it was trained on another architecture or its file was changed"
+        )
+    if loaded - saved:
+        first = sorted(loaded - saved)[0]
+        raise PipelineError(f"{weights}: {len(loaded - saved)} weights its config asks for are missing, e.g. {first}")
 
 
 @contextlib.contextmanager

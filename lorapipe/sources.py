@@ -67,10 +67,33 @@ def check_sha256(folder_or_file: Path, expected: str | dict[str, str] | None, sh
             )
 
 
+def check_local_files(path: Path, field: str) -> None:
+    """Refuse what a local source must not bring: a special file (a pipe, a device, a socket) given or found in
+    the folder, and a link in the folder that leads outside it (``passwd -> /etc/passwd`` would be copied,
+    cached and pushed as data)."""
+    if not path.is_dir():
+        if not path.is_file():
+            raise PipelineError(f"{path}: not a regular file or folder ({field}.path): special files are refused")
+        return
+    root = path.resolve()
+    for folder, names, files in os.walk(path):
+        for name in names + files:
+            entry = Path(folder) / name
+            if entry.is_symlink():
+                target = entry.resolve()
+                if target != root and root not in target.parents:
+                    raise PipelineError(
+                        f"{entry}: a link to {target}, outside the source folder ({field}.path); links out are refused"
+                    )
+            if not (entry.is_file() or entry.is_dir()):
+                raise PipelineError(f"{entry}: not a regular file or folder ({field}.path): special files are refused")
+
+
 def fetch_local(source: LocalSource, dest: Path, field: str) -> dict:
     path = Path(source.path).expanduser()
     if not path.exists():
         raise PipelineError(f"{path}: local source ({field}.path) does not exist")
+    check_local_files(path, field)
     check_sha256(path, source.sha256, str(path), field)
     if path.is_dir():
         shutil.copytree(path, dest)

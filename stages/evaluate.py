@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from lorapipe.adapters import scoring_base
+from lorapipe.adapters import check_base, scoring_base
 from lorapipe.config import load_params
 from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
 from lorapipe.host import shared_cores
@@ -53,6 +53,8 @@ def main() -> None:
             write_outputs(evaluate_baseline(train, data.sentiment), args.baseline_metrics, args.baseline_predictions)
         with shared_cores():
             started = time.perf_counter()
+            if adapter is not None:
+                check_base(adapter, args.base)
             on = scoring_base(adapter, as_trained=params.adapter_base == "as_trained")
             model = load_for_inference(args.base, adapter, params.precision, on.four_bit)
             tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")

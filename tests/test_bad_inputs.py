@@ -236,6 +236,45 @@ def nothing(ws: Workspace) -> None:
     pass
 
 
+def link(name: str, target: str) -> Setup:
+    def setup(ws: Workspace) -> None:
+        ws.path(name).symlink_to(target)
+
+    return setup
+
+
+def fifo(name: str) -> Setup:
+    def setup(ws: Workspace) -> None:
+        ws.path(name).unlink()
+        os.mkfifo(ws.path(name))
+
+    return setup
+
+
+def rename_adapter_weights(old: str, new: str) -> Setup:
+    """The adapter's weights under other module names (``q_proj`` -> ``qq_proj``), its config unchanged."""
+
+    def setup(ws: Workspace) -> None:
+        from safetensors.torch import load_file, save_file
+
+        path = ws.path(f"{ADAPTER}/adapter_model.safetensors")
+        save_file({key.replace(old, new): value for key, value in load_file(path).items()}, path)
+
+    return setup
+
+
+def card_base(**changes: Any) -> Setup:
+    """The adapter's card recording another base model."""
+
+    def setup(ws: Workspace) -> None:
+        path = ws.path(f"{ADAPTER}/card.json")
+        card = json.loads(path.read_text())
+        card["base_model"].update(changes)
+        path.write_text(json.dumps(card))
+
+    return setup
+
+
 def all_of(*setups: Setup) -> Setup:
     def run(ws: Workspace) -> None:
         for setup in setups:
@@ -540,6 +579,19 @@ CASES = [
         forbidden=(".scratch", ".base."),
     ),
     case(
+        "fetch-model-folder-links-out",
+        "fetch",
+        link("sources/model/passwd", "/etc/passwd"),
+        "sources/model/passwd: a link to /etc/passwd, outside the source folder (model.source.path)",
+        forbidden=(".scratch", ".base."),
+    ),
+    case(
+        "fetch-tweets-named-pipe",
+        "fetch",
+        fifo("sources/tweets.csv"),
+        "sources/tweets.csv: not a regular file or folder (data.tweets.source.path)",
+    ),
+    case(
         "fetch-hub-model-offline-cli",
         "fetch",
         set_param("model.source", {"kind": "hub", "id": "acme/tiny-llama", "revision": "0123abc"}),
@@ -758,6 +810,57 @@ CASES = [
         "models/adapters/nope: no adapter_config.json",
         argv=(("--adapter", "models/adapters/nope"),),
     ),
+    case(
+        "chat-adapter-weights-of-other-modules",
+        "chat",
+        rename_adapter_weights("q_proj", "qq_proj"),
+        f"{ADAPTER}/adapter_model.safetensors: 4 of its 16 weights match no module of the base model",
+        "qq_proj",
+    ),
+    case(
+        "chat-adapter-of-another-base",
+        "chat",
+        card_base(name="Mistral-7B-v0.1"),
+        f"{ADAPTER}/card.json: base_model: the adapter was trained on Mistral-7B-v0.1",
+        "pass --allow-other-base",
+    ),
+    case(
+        "chat-max-new-tokens-zero-cli",
+        "chat",
+        nothing,
+        "--max-new-tokens 0: an answer needs at least 1 new token",
+        argv=(("--max-new-tokens", "0"),),
+        cli=True,
+    ),
+    case(
+        "evaluate-adapter-of-another-base",
+        "evaluate",
+        card_base(name="Mistral-7B-v0.1"),
+        f"{ADAPTER}/card.json: base_model: the adapter was trained on Mistral-7B-v0.1",
+    ),
+    case(
+        "export-adapter-weights-of-other-modules",
+        "export",
+        rename_adapter_weights("v_proj", "vv_proj"),
+        "weights match no module of the base model",
+    ),
+    case(
+        "export-out-is-the-adapter-cli",
+        "export",
+        nothing,
+        "is, holds or lies inside --adapter",
+        argv=(("--out", ADAPTER),),
+        command_line=(*tool("lorapipe.export", f"--adapter {ADAPTER} --force"),),
+        cli=True,
+    ),
+    case(
+        "export-out-is-the-repository",
+        "export",
+        nothing,
+        ".: is or holds the current folder",
+        argv=(("--out", "."),),
+        command_line=(*tool("lorapipe.export", f"--adapter {ADAPTER} --force"),),
+    ),
     # report
     case(
         "report-metrics-not-json",
@@ -828,6 +931,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
+    assert len(ids) == 70  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command

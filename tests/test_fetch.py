@@ -422,3 +422,32 @@ def test_gguf_parsed_once_caches_the_reader_and_name_map_only_within(tmp_path):
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 1)
     assert gguf.GGUFReader is original  # restored
     assert gguf.GGUFReader(str(path)) is not first
+
+
+def test_local_sources_refuse_links_out_of_the_folder_and_special_files(tmp_path, tiny_model):
+    import os
+
+    def model_from(folder: Path, out: str) -> dict:
+        source = LocalSource(kind="local", path=str(folder))
+        return fetch_model(ModelParams(name="m", source=source, chat_template=None), tmp_path / out)
+
+    for name, target in (("passwd", Path("/etc/passwd")), ("etc", Path("/etc"))):
+        folder = tmp_path / f"model-{name}"
+        shutil.copytree(tiny_model, folder)
+        (folder / name).symlink_to(target)
+        with pytest.raises(PipelineError, match=rf"model-{name}/{name}: a link to {target}, outside the source"):
+            model_from(folder, f"base-{name}")
+        assert not (tmp_path / f"base-{name}").exists()
+
+    inside = tmp_path / "model-inside"
+    shutil.copytree(tiny_model, inside)
+    (inside / "generation_config.json").unlink(missing_ok=True)
+    (inside / "generation_config.json").symlink_to(inside / "config.json")  # a link within the folder is fine
+    assert "generation_config.json" in model_from(inside, "base-inside")["files"]
+
+    fifo = tmp_path / "tweets.csv"
+    os.mkfifo(fifo)
+    instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 3))}
+    with pytest.raises(PipelineError, match=r"tweets.csv: not a regular file or folder \(data.tweets.source.path\)"):
+        fetch_data(data_params({"kind": "local", "path": str(fifo)}, instructions), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
