@@ -275,7 +275,11 @@ class TrainParams(Section):
         "recompute activations in backward (less memory, slower; turns shared_prefix off)"
     )
     processes: int = doc("training processes; more than 1 runs under accelerate launch with accelerate_config", gt=0)
-    accelerate_config: str = doc("the accelerate config file used when processes > 1 (configs/accelerate/)")
+    accelerate_config: str = doc(
+        "the accelerate config file used when processes > 1 (configs/accelerate/); it goes into the stage's command,"
+        " so no spaces or shell characters",
+        pattern=r"^[A-Za-z0-9_./@+-]+$",
+    )
     logging_steps: int = doc("log loss and learning rate every this many optimizer steps", gt=0)
     save_steps: int = doc("save a resumable checkpoint every this many optimizer steps", gt=0)
     save_total_limit: int = doc("keep this many newest checkpoints", gt=0)
@@ -355,11 +359,26 @@ def _got(error: dict) -> str:
     return f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last; DVC refuses the file)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: no such params file") from None
     except yaml.YAMLError as err:

@@ -65,6 +65,7 @@ class TrainJob:
     checkpoints: Path
     summary_out: Path
     live_dir: Path | None = None
+    params_file: Path = Path("params.yaml")  # named in errors about a param
 
 
 def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware: Hardware | None = None) -> dict:
@@ -82,7 +83,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     if launched_distributed():  # join the other processes now: the ranks agree on precision and resume point
         PartialState()
     with shared_cores():
-        tokenizer, model = load_model(job.base_model, lora, train, hardware)
+        tokenizer, model = load_model(job.base_model, lora, train, hardware, job.params_file)
         rows, overlong = fit_to_max_length(tokenizer, rows, train, job.train_file)
         choice = PrecisionChoice(hardware.precision)
         label_head = use_label_head(model, tokenizer, rows, train)
@@ -231,11 +232,11 @@ def measure_precision(
     return choice
 
 
-def load_model(base: Path, lora: LoraParams, train: TrainParams, hardware: Hardware):
+def load_model(base: Path, lora: LoraParams, train: TrainParams, hardware: Hardware, params_file: Path):
     """The tokenizer and the base model (4-bit on CUDA), its target modules checked against ``lora``."""
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base, hardware, attention=hardware.attention)
-    check_target_modules(model, lora)
+    check_target_modules(model, lora, params_file)
     if hardware.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -243,7 +244,7 @@ def load_model(base: Path, lora: LoraParams, train: TrainParams, hardware: Hardw
     return tokenizer, model
 
 
-def check_target_modules(model, lora: LoraParams) -> None:
+def check_target_modules(model, lora: LoraParams, params_file: Path = Path("params.yaml")) -> None:
     """Every name in ``lora.target_modules`` must name a module of the model (PEFT errors only if none does)."""
     if lora.target_modules == "all-linear":
         return
@@ -252,7 +253,7 @@ def check_target_modules(model, lora: LoraParams) -> None:
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise PipelineError(
-            f"params.yaml: lora.target_modules: {missing[0]!r} names no module of {type(model).__name__}; "
+            f"{params_file}: lora.target_modules: {missing[0]!r} names no module of {type(model).__name__}; "
             f"its linear modules are {linear}"
         )
 

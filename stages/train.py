@@ -34,7 +34,14 @@ def main() -> None:
     parser.add_argument("--accelerate-config", type=Path, required=True, help="used when --processes > 1")
     args = parser.parse_args()
     job = TrainJob(
-        args.name, args.base, args.train_file, args.adapter_out, args.checkpoints, args.summary, args.live_dir
+        args.name,
+        args.base,
+        args.train_file,
+        args.adapter_out,
+        args.checkpoints,
+        args.summary,
+        args.live_dir,
+        args.params,
     )
 
     def body() -> None:

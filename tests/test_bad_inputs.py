@@ -318,6 +318,13 @@ def drop_param(key: str) -> Setup:
     return edit_params(change)
 
 
+def copy_file(name: str, to: str) -> Setup:
+    def run(ws: Workspace) -> None:
+        shutil.copy2(ws.path(name), ws.path(to))
+
+    return run
+
+
 def write(name: str, content: str | bytes) -> Setup:
     def run(ws: Workspace) -> None:
         path = ws.path(name)
@@ -720,6 +727,30 @@ CASES = [
         set_param("lora.target_modules", ["query_key_value"]),
         "params.yaml: lora.target_modules: 'query_key_value' names no module of LlamaForCausalLM",
     ),
+    case(
+        "train-other-params-file-named",
+        "train",
+        all_of(set_param("lora.target_modules", ["query_key_value"]), copy_file("params.yaml", "other.yaml")),
+        "other.yaml: lora.target_modules: 'query_key_value' names no module of LlamaForCausalLM",
+        argv=(("--params", "other.yaml"),),
+    ),
+    case(
+        "params-duplicate-key-cli",
+        "config",
+        append("params.yaml", b"lora:\n  r: 4\n"),
+        "params.yaml: not valid YAML: line",
+        "duplicate key 'lora' (first given on line",
+        cli=True,
+    ),
+    case(
+        "params-accelerate-config-with-a-space",
+        "train",
+        all_of(
+            write("configs/my ddp.yaml", "distributed_type: MULTI_GPU\n"),
+            set_param("train.accelerate_config", "configs/my ddp.yaml"),
+        ),
+        "params.yaml: train.accelerate_config: String should match pattern",
+    ),
     case("train-empty-file", "train", write(SENTIMENT_TRAIN, "\n"), f"{SENTIMENT_TRAIN}: no records"),
     case(
         "train-completion-not-assistant",
@@ -931,7 +962,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) == 69  # a case lost in an edit shows here
+    assert len(ids) == 72  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command
