@@ -7,10 +7,13 @@ each step is a function below it. The trainer is TRL's SFTTrainer with this proj
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +97,29 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
         trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None, label_head)
         trainer.add_callback(RefreshThreads())
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with disk_full_is_one_line(job.checkpoints):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - started
     summary = summarise(job, trainer, result, hardware, len(rows), wall, resume, choice)
     summary.update(overlong_records=overlong, overlong=train.overlong)
     save_adapter(job, trainer, lora, train, summary, len(rows))
     return summary
+
+
+@contextlib.contextmanager
+def disk_full_is_one_line(checkpoints: Path) -> Iterator[None]:
+    """A full disk while a checkpoint is written (an OSError, or safetensors' own error) becomes one clear line."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        if getattr(err, "errno", None) != errno.ENOSPC and "No space left on device" not in str(err):
+            raise
+        raise PipelineError(
+            f"{checkpoints}: no space left on device while saving a checkpoint; free space and run the stage again "
+            "(it resumes from the last complete checkpoint)"
+        ) from None
 
 
 class RefreshThreads(TrainerCallback):

@@ -59,7 +59,7 @@ def repo(tmp_path_factory) -> Path:
 
 def test_dvc_repro_mix_builds_the_data_stages(repo):
     output = run(["dvc", "repro", "mix"], repo)
-    assert stages_run(output) == {"fetch", "instructify", "mix"}
+    assert stages_run(output) == {"validate", "fetch", "instructify", "mix"}
     stats = json.loads((repo / "data" / "mixed" / "stats.json").read_text())
     rows = [json.loads(line) for line in (repo / "data" / "mixed" / "train.jsonl").read_text().splitlines()]
     tweets = [r for r in rows if r["source"] == "sentiment"]
@@ -113,10 +113,32 @@ def test_editing_any_lorapipe_module_changes_exactly_the_stages_that_import_it(r
 
 def test_exp_run_lora_rank_reruns_only_what_reads_lora(repo):
     output = run(["dvc", "exp", "run", "-S", "lora.r=4", "--name", "rank4"], repo)
-    assert stages_run(output) == {"train_sentiment", "train_mixed", "eval_all", "report"}
+    assert stages_run(output) == {"validate", "train_sentiment", "train_mixed", "eval_all", "report"}
     diff = json.loads(run(["dvc", "metrics", "diff", "--json", "HEAD"], repo))
     assert "metrics/base.json" not in diff and "metrics/baseline.json" not in diff
     assert diff["metrics/train_sentiment.json"]["trainable_parameters"]["diff"] < 0
+
+
+def test_exp_run_with_a_bad_value_stops_before_any_output_is_deleted(repo):
+    restore_head(repo)
+    kept = {
+        path: (repo / path).read_bytes()
+        for path in ("metrics/train_sentiment.json", "models/adapters/sentiment/adapter_model.safetensors")
+    }
+    done = subprocess.run(
+        ["dvc", "exp", "run", "-S", "lora.r=0", "--name", "rank0"],
+        cwd=repo,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "params.yaml: lora.r: Input should be greater than 0" in done.stdout + done.stderr
+    assert stages_run(done.stdout + done.stderr) == {"validate"}
+    assert {path: (repo / path).read_bytes() for path in kept} == kept
+    assert (repo / "dvclive" / "sentiment").is_dir()
+    restore_head(repo)
 
 
 def restore_head(repo: Path) -> None:
@@ -127,7 +149,7 @@ def restore_head(repo: Path) -> None:
 def test_exp_run_with_two_processes_reruns_only_training_and_what_follows(repo):
     restore_head(repo)
     output = run(["dvc", "exp", "run", "-S", "train.processes=2", "--name", "two-processes"], repo)
-    assert stages_run(output) == {"train_sentiment", "train_mixed", "eval_all", "report"}
+    assert stages_run(output) == {"validate", "train_sentiment", "train_mixed", "eval_all", "report"}
     assert "launching 2 processes" in output
     for name in ("sentiment", "mixed"):
         assert json.loads((repo / "metrics" / f"train_{name}.json").read_text())["processes"] == 2

@@ -332,3 +332,18 @@ def test_a_100000_character_row_is_dropped_or_cut_and_training_runs(tmp_path, ti
         train = params.train.model_copy(update={"overlong": overlong, "max_steps": 2})
         summary = train_adapter(job, params.lora, train)
         assert summary["overlong_records"] == 1 and summary["steps"] == 2
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, tiny_model, params, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import Trainer
+
+    def disk_full(self, *args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", disk_full)
+    job = make_job(tmp_path, tiny_model, params, live=False)
+    train = params.train.model_copy(update={"max_steps": 4, "save_steps": 2})
+    with pytest.raises(PipelineError, match=r"checkpoints/sentiment: no space left on device while saving"):
+        train_adapter(job, params.lora, train)
+    assert not job.adapter_out.exists()
