@@ -138,11 +138,35 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
 
 
+def declared_outputs(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
+    """Every output path ``dvc_yaml`` declares (outs, metrics, plots), or none outside a DVC project."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []) if isinstance(stage, dict) else []:
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                if isinstance(path, str) and "${" not in path:
+                    paths.append(Path(path))
+    return paths
+
+
 def run_stage(name: str, body: Callable[[], None]) -> None:
-    """Run a stage's body with logging and timing; a PipelineError becomes one message and exit 1."""
+    """Run a stage's body with logging and timing; a PipelineError becomes one message and exit 1.
+
+    First, what an interrupted stage left beside any declared output goes: when DVC serves the interrupted
+    stage from its run cache, that stage never runs again to do it.
+    """
     setup_logging()
     started = time.perf_counter()
     log.info("stage %s: started", name)
+    for output in declared_outputs():
+        remove_stale_staging(output)
     try:
         body()
     except PipelineError as err:

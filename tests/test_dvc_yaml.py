@@ -131,3 +131,36 @@ def test_the_train_stages_take_the_process_count_and_config_from_params():
         assert "--accelerate-config ${train.accelerate_config}" in command
         assert "${train.accelerate_config}" in STAGES[name]["deps"]
         assert (ROOT / render("${train.accelerate_config}")).is_file()
+
+
+def test_any_stage_removes_what_a_killed_stage_left_beside_any_output(tmp_path):
+    """A killed fetch leaves ``models/.base.*``; if DVC then serves fetch from its run cache, fetch never runs
+    again to remove it, so every stage cleans up beside every output dvc.yaml declares."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy2(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    left = [
+        tmp_path / "models" / ".base.k1ll3d",
+        tmp_path / "data" / ".raw.k1ll3d",
+        tmp_path / "metrics" / ".base.json.x",
+    ]
+    for path in left[:2]:
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"\0" * 1000)
+    left[2].parent.mkdir()
+    left[2].write_text("{")
+    kept = tmp_path / "models" / ".gitignore"
+    kept.write_text("/base\n")
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "validate.py"), "--params", "params.yaml", "--stamp", "params.checked"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not any(path.exists() for path in left)
+    assert kept.exists() and (tmp_path / "params.checked").exists()
