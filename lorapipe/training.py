@@ -28,6 +28,7 @@ from lorapipe.errors import PipelineError
 from lorapipe.host import (
     PrecisionChoice,
     all_ranks_agree,
+    bound_onednn_cache,
     choose_precision,
     peak_rss_mib,
     refresh_threads,
@@ -76,6 +77,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     from accelerate import PartialState
     from transformers import set_seed
 
+    bound_onednn_cache()  # before the first matmul
     hardware = hardware or choose_hardware(train)
     for fallback in hardware.fallbacks:
         log.warning("fallback: %s", fallback)

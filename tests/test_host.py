@@ -3,6 +3,7 @@ training-time changes that save memory (passes of fewer rows, frozen weights sto
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -139,3 +140,14 @@ def test_workers_share_the_cores_and_a_finished_one_gives_them_back(tmp_path, mo
     finally:
         share.close()
         torch.set_num_threads(threads)
+
+
+def test_the_onednn_cache_is_bounded_unless_the_user_set_it(monkeypatch):
+    from lorapipe.host import bound_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+    bound_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
