@@ -16,8 +16,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
-# params.yaml is validated before DVC runs: DVC deletes a stage's outputs before running it, so a bad value
-# caught inside a stage would already have cost them (README: When a stage fails).
+# params.yaml is validated before DVC runs (and again by the validate stage, first in dvc.yaml, which guards
+# `dvc repro` and `dvc exp run` too): DVC deletes a stage's outputs before running it (README: When a stage fails).
 repro: setup
 	$(BIN)/python -m lorapipe.config params.yaml
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
