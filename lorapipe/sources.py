@@ -110,9 +110,10 @@ def fetch_local(source: LocalSource, dest: Path, field: str) -> dict:
 def hub_errors(source: HubSource, field: str) -> Iterator[None]:
     """Turn the hub's failures (offline, gated, unknown repository or revision) into one clear error."""
     from httpx2 import TransportError  # huggingface_hub's HTTP client: no network, DNS failures, timeouts
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     failures = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, TransportError, ConnectionError)
+    failures += (HFValidationError,)  # not a repository id (a local path belongs in a local source)
     try:
         yield
     except (*failures, FileNotFoundError) as err:

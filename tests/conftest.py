@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,29 @@ def local_index(tmp_path, monkeypatch):
     with serve_index(tmp_path / "index") as index:
         monkeypatch.setenv("PIP_INDEX_URL", index.url)
         yield index
+
+
+COMMIT = "c0ffee" + "0" * 34
+
+
+@pytest.fixture()
+def hub_stand_in(monkeypatch):
+    """The hub's commit lookup and downloads, answered from local folders (no test reaches the hub)."""
+    from types import SimpleNamespace
+
+    calls: list[tuple] = []
+    repos: dict[str, Path] = {}
+
+    def repo_info(self, repo_id, repo_type, revision, token):
+        calls.append(("resolve", repo_id, repo_type, revision))
+        return SimpleNamespace(sha=COMMIT)
+
+    def snapshot_download(repo_id, revision, token, allow_patterns=None, repo_type="model", local_dir=None):
+        calls.append(("download", repo_id, repo_type, revision))
+        out = Path(local_dir) if local_dir else repos[repo_id].with_name(repos[repo_id].name + "-snapshot")
+        shutil.copytree(repos[repo_id], out, dirs_exist_ok=True)
+        return str(out)
+
+    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", repo_info)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    return SimpleNamespace(calls=calls, repos=repos)

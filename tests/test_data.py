@@ -185,10 +185,11 @@ def test_out_of_sample_file_is_ten_varied_instructions():
     assert len(items) == 10 and len({i["id"] for i in items}) == 10
 
 
-def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypatch):
+def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypatch, hub_stand_in):
     """Study A's tweet source: the hub's parquet export of carblacac/twitter-sentiment-analysis (text, feeling 0/1).
 
-    A local folder laid out like the export stands in for the hub; fetch and instructify run as in the profile.
+    A local folder laid out like the export stands in for the hub's download; fetch and instructify run as in
+    the profile.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -203,7 +204,8 @@ def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypa
     pq.write_table(table, export / "0000.parquet")
 
     study = load_params(ROOT / "profiles" / "study-a-mistral-7b.yaml")
-    source = study.data.tweets.source.model_copy(update={"id": str(tmp_path / "carblacac")})
+    source = study.data.tweets.source
+    hub_stand_in.repos[source.id] = tmp_path / "carblacac"
     local_instructions = {"kind": "local", "path": str(write_instructions_json(tmp_path / "i.json", 12))}
     data = study.data.model_copy(
         update={

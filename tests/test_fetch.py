@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_instructions_json, write_tweets_csv
+from conftest import COMMIT, write_instructions_json, write_tweets_csv
 from lorapipe.archives import extract_member
 from lorapipe.config import DataParams, HubSource, LocalSource, ModelParams, RegistrySource
 from lorapipe.errors import PipelineError
@@ -279,32 +279,6 @@ def test_a_model_folder_without_safetensors_is_refused(tmp_path):
             tmp_path / "base",
         )
     assert not (tmp_path / "base").exists()
-
-
-COMMIT = "c0ffee" + "0" * 34
-
-
-@pytest.fixture()
-def hub_stand_in(monkeypatch):
-    """The hub's commit lookup and downloads, answered from local folders (no test reaches the hub)."""
-    from types import SimpleNamespace
-
-    calls: list[tuple] = []
-    repos: dict[str, Path] = {}
-
-    def repo_info(self, repo_id, repo_type, revision, token):
-        calls.append(("resolve", repo_id, repo_type, revision))
-        return SimpleNamespace(sha=COMMIT)
-
-    def snapshot_download(repo_id, revision, token, allow_patterns=None, repo_type="model", local_dir=None):
-        calls.append(("download", repo_id, repo_type, revision))
-        out = Path(local_dir) if local_dir else repos[repo_id].with_name(repos[repo_id].name + "-snapshot")
-        shutil.copytree(repos[repo_id], out, dirs_exist_ok=True)
-        return str(out)
-
-    monkeypatch.setattr("huggingface_hub.HfApi.repo_info", repo_info)
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
-    return SimpleNamespace(calls=calls, repos=repos)
 
 
 def test_hub_model_takes_safetensors_only_at_the_commit_its_revision_resolves_to(tmp_path, tiny_model, hub_stand_in):
