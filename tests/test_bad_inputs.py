@@ -45,6 +45,7 @@ def tool(module: str, args: str) -> list[str]:
 CHAT = tool("lorapipe.chat", "--params params.yaml --adapter models/adapters/sentiment --max-new-tokens 2")
 
 COMMANDS: dict[str, list[str]] = {
+    "validate": stage("validate", "--stamp params.checked"),
     "fetch": stage("fetch", "--data-out data/raw --model-out models/base"),
     "instructify": stage("instructify", "--raw data/raw --out-of-sample out_of_sample.yaml --out data/prepared"),
     "mix": stage(
@@ -80,6 +81,7 @@ COMMANDS: dict[str, list[str]] = {
 
 # What each command writes: these must be unchanged after a failed run (the tools write nothing but --out).
 OUTPUTS: dict[str, tuple[str, ...]] = {
+    "validate": ("params.checked",),
     "fetch": ("data/raw", "models/base"),
     "instructify": ("data/prepared",),
     "mix": ("data/mixed",),
@@ -207,7 +209,7 @@ def good_workspace(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("HF_HUB_OFFLINE", "1")
-        for name in ("fetch", "instructify", "mix", "train", "evaluate", "report"):
+        for name in ("validate", "fetch", "instructify", "mix", "train", "evaluate", "report"):
             assert invoke(COMMANDS[name], patch) == 0, f"the good {name} run failed"
     return root
 
@@ -438,6 +440,12 @@ def case(id_: str, command: str, setup: Setup, *expected: str, **options: Any) -
 
 
 CASES = [
+    case(
+        "validate-lora.r-zero",
+        "validate",
+        set_param("lora.r", 0),
+        "params.yaml: lora.r: Input should be greater than 0",
+    ),
     # params.yaml: each kind of wrong value, in the stage that reads it.
     case(
         "params-train.batch_size-bool",
@@ -962,7 +970,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) == 72  # a case lost in an edit shows here
+    assert len(ids) == 73  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command
