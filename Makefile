@@ -33,7 +33,7 @@ format: setup
 
 # Switch params.yaml to another profile from profiles/ (then `dvc exp run` or `make repro`).
 profile: setup
-	$(BIN)/python -m lorapipe.profiles $(PROFILE)
+	$(BIN)/python -m lorapipe.cli.profiles $(PROFILE)
 
 # A default DVC remote in a local folder (dvc push / dvc pull); STORAGE=... to choose where.
 STORAGE ?= $(abspath ..)/lorapipe-dvc-storage

@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_qlora.py --out gpu_results.json [--seven-b]
 
-Runs :func:`lorapipe.training.train_adapter` with study A's LoRA and training settings (the seeds': r 8,
+Runs :func:`lorapipe.training.recipe.train_adapter` with study A's LoRA and training settings (the seeds': r 8,
 alpha 32, q/k/v/o, batch 4, accumulation 2, lr 2e-4, paged_adamw_32bit, fp16) for a few steps on
 synthetic tweet records, first on a small Mistral-architecture model (shared prefix on and off), then,
 with --seven-b, on the real Mistral-7B-v0.1 shapes (random fp16 weights written as safetensors shards,
@@ -26,10 +26,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import NEGATIVE, POSITIVE, build_tiny_tokenizer  # noqa: E402
 from lorapipe.config import load_params  # noqa: E402
+from lorapipe.data.prompts import sentiment_prompt  # noqa: E402
 from lorapipe.io import write_jsonl  # noqa: E402
-from lorapipe.prompts import sentiment_prompt  # noqa: E402
 from lorapipe.records import record  # noqa: E402
-from lorapipe.training import TrainJob, train_adapter  # noqa: E402
+from lorapipe.training.recipe import TrainJob, train_adapter  # noqa: E402
 
 SMALL = {"hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 8, "num_attention_heads": 16}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # a CPU runs the same code as a dry run (plain LoRA)

@@ -7,7 +7,7 @@ training file, one pass, batch ``train.batch_size``, in the precision the train 
 CPU (``--precision auto``: the stage's own choice, timed here as the stage times it), and is timed from its
 first to its last optimizer step (model loading and tokenising excluded):
 
-* the train stage (:func:`lorapipe.training.train_adapter`), shared prefix on and off;
+* the train stage (:func:`lorapipe.training.recipe.train_adapter`), shared prefix on and off;
 * a bare PyTorch + PEFT loop doing the same arithmetic as the stage without a shared prefix, made as
   fast as it honestly can be: batches of similar lengths (all examples sorted by length), the stage's
   cheaper LoRA dropout, LM head on the label positions only, cross-entropy, backward, gradient clipping,
@@ -36,10 +36,10 @@ import torch
 from lorapipe.config import load_params
 from lorapipe.host import shared_cores
 from lorapipe.io import write_jsonl
-from lorapipe.label_head import use_mask_dropout
-from lorapipe.modeling import choose_hardware, load_causal_lm, load_tokenizer, store_frozen_linears_in_bf16
+from lorapipe.models.loading import choose_hardware, load_causal_lm, load_tokenizer, store_frozen_linears_in_bf16
 from lorapipe.records import read_records
-from lorapipe.training import TrainJob, lora_config, measure_precision, tokenize_records, train_adapter
+from lorapipe.training.label_head import use_mask_dropout
+from lorapipe.training.recipe import TrainJob, lora_config, measure_precision, tokenize_records, train_adapter
 
 MEASURE_SECONDS = 0.25  # per distinct shape and kind: a second or two a kind for a Llama model
 

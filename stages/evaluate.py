@@ -16,12 +16,18 @@ import logging
 import time
 from pathlib import Path
 
-from lorapipe.adapters import check_base, scoring_base
 from lorapipe.config import load_params
-from lorapipe.evaluation import evaluate_baseline, evaluate_model, load_eval_data, load_sentiment, write_outputs
+from lorapipe.evaluation.evaluate import (
+    evaluate_baseline,
+    evaluate_model,
+    load_eval_data,
+    load_sentiment,
+    write_outputs,
+)
 from lorapipe.host import shared_cores
 from lorapipe.io import run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
+from lorapipe.models.adapters import check_base, scoring_base
+from lorapipe.models.loading import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
 
 log = logging.getLogger("lorapipe.stages.evaluate")
 

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 
 from lorapipe.config import load_params
-from lorapipe.fetching import fetch_all
 from lorapipe.io import run_stage
+from lorapipe.sources.fetch import fetch_all
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from lorapipe.config import load_params
-from lorapipe.instructify import instructify
+from lorapipe.data.instructify import instructify
 from lorapipe.io import run_stage
 
 

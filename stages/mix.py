@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from lorapipe.config import load_params
-from lorapipe.data import write_mix
+from lorapipe.data.splits import write_mix
 from lorapipe.io import run_stage
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from lorapipe.config import load_params
 from lorapipe.io import run_stage
-from lorapipe.report import write_report
-from lorapipe.report_inputs import ModelFiles, ReportSources, load_report_inputs
+from lorapipe.report.inputs import ModelFiles, ReportSources, load_report_inputs
+from lorapipe.report.markdown import write_report
 
 
 def paths(value: str, count: int) -> list[Path]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lorapipe.config import load_params
 from lorapipe.io import run_stage
-from lorapipe.launch import launched, relaunch
-from lorapipe.training import TrainJob, train_adapter
+from lorapipe.training.launch import launched, relaunch
+from lorapipe.training.recipe import TrainJob, train_adapter
 
 
 def main() -> None:

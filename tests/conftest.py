@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.records import record
 
 ROOT = Path(__file__).resolve().parents[1]

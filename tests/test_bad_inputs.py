@@ -42,7 +42,7 @@ def tool(module: str, args: str) -> list[str]:
     return ["-m", module, *args.split()]
 
 
-CHAT = tool("lorapipe.chat", "--params params.yaml --adapter models/adapters/sentiment --max-new-tokens 2")
+CHAT = tool("lorapipe.cli.chat", "--params params.yaml --adapter models/adapters/sentiment --max-new-tokens 2")
 
 COMMANDS: dict[str, list[str]] = {
     "validate": stage("validate", "--stamp params.checked"),
@@ -75,7 +75,7 @@ COMMANDS: dict[str, list[str]] = {
         "--manifest data/raw/manifest.json --manifest models/base/manifest.json",
     ),
     "chat": [*CHAT, "--tweet", "love this"],
-    "export": tool("lorapipe.export", "--adapter models/adapters/sentiment --out exported"),
+    "export": tool("lorapipe.cli.export", "--adapter models/adapters/sentiment --out exported"),
     "config": tool("lorapipe.config", "params.yaml"),
 }
 
@@ -889,7 +889,7 @@ CASES = [
         nothing,
         "is, holds or lies inside --adapter",
         argv=(("--out", ADAPTER),),
-        command_line=(*tool("lorapipe.export", f"--adapter {ADAPTER} --force"),),
+        command_line=(*tool("lorapipe.cli.export", f"--adapter {ADAPTER} --force"),),
         cli=True,
     ),
     case(
@@ -898,7 +898,7 @@ CASES = [
         nothing,
         ".: is or holds the current folder",
         argv=(("--out", "."),),
-        command_line=(*tool("lorapipe.export", f"--adapter {ADAPTER} --force"),),
+        command_line=(*tool("lorapipe.cli.export", f"--adapter {ADAPTER} --force"),),
     ),
     # report
     case(

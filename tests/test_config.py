@@ -111,8 +111,8 @@ def test_hub_source_needs_a_revision_and_sections_are_required(tmp_path):
 
 
 def test_use_profile_validates_and_copies(tmp_path):
+    from lorapipe.cli.profiles import use_profile
     from lorapipe.errors import PipelineError
-    from lorapipe.profiles import use_profile
 
     target = tmp_path / "params.yaml"
     use_profile("study-a-mistral-7b", ROOT / "profiles", target)

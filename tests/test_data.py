@@ -7,11 +7,11 @@ import yaml
 
 from conftest import ROOT, tiny_params, write_instructions_json, write_tweets_csv
 from lorapipe.config import MixParams, parse_params
-from lorapipe.data import clean_tweets, mix_records, sentiment_records, split_tweets
+from lorapipe.data.instructify import instructify
+from lorapipe.data.splits import clean_tweets, mix_records, sentiment_records, split_tweets
 from lorapipe.errors import PipelineError
-from lorapipe.instructify import instructify
 from lorapipe.io import read_jsonl, write_json
-from lorapipe.tables import read_table
+from lorapipe.sources.tables import read_table
 
 
 @pytest.fixture()
@@ -195,7 +195,7 @@ def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypa
     import pyarrow.parquet as pq
 
     from lorapipe.config import load_params
-    from lorapipe.fetching import fetch_data
+    from lorapipe.sources.fetch import fetch_data
 
     export = tmp_path / "carblacac" / "default" / "train"
     export.mkdir(parents=True)

@@ -77,13 +77,24 @@ def paths_of(entries: list) -> list[str]:
     return [render(next(iter(e)) if isinstance(e, dict) else e) for e in entries]
 
 
+def dep_entry(module: str) -> str:
+    """How dvc.yaml names a module a stage runs: its subpackage's folder, or the shared top-level file."""
+    parts = Path(module).parts
+    return "/".join(parts[:2]) if len(parts) > 2 else module
+
+
+def code_deps(stage: dict) -> set[str]:
+    """The lorapipe deps a stage must declare: the folders and shared modules its scripts run."""
+    return {dep_entry(m) for script in scripts(stage) for m in lorapipe_closure(script)}
+
+
 @pytest.mark.parametrize("name", STAGES)
-def test_deps_list_exactly_the_lorapipe_modules_the_stage_runs(name):
+def test_deps_list_exactly_the_lorapipe_folders_and_shared_modules_the_stage_runs(name):
     stage = STAGES[name]
-    used = set().union(*(lorapipe_closure(script) for script in scripts(stage)))
+    used = code_deps(stage)
     declared = {dep for dep in paths_of(stage["deps"]) if dep.startswith("lorapipe/")}
     assert not used - declared, f"stage {name} runs {sorted(used - declared)} but dvc.yaml does not declare them"
-    assert not declared - used, f"stage {name} declares {sorted(declared - used)} but never imports them"
+    assert not declared - used, f"stage {name} declares {sorted(declared - used)} but never imports from them"
     assert {str(s.relative_to(ROOT)) for s in scripts(stage)} <= set(paths_of(stage["deps"]))
 
 
@@ -120,7 +131,9 @@ def test_stage_scripts_hold_no_path_constants_or_path_defaults(script):
 def test_the_report_gets_its_models_from_dvc_yaml():
     command = STAGES["report"]["cmd"]
     assert [m.split("=")[0] for m in re.findall(r"--model (\S+)", command)] == ["base", "sentiment", "mixed"]
-    source = (ROOT / "lorapipe" / "report_inputs.py").read_text() + (ROOT / "lorapipe" / "report.py").read_text()
+    source = (ROOT / "lorapipe" / "report" / "inputs.py").read_text() + (
+        ROOT / "lorapipe" / "report" / "markdown.py"
+    ).read_text()
     assert "glob(" not in source
 
 
@@ -164,3 +177,26 @@ def test_any_stage_removes_what_a_killed_stage_left_beside_any_output(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not any(path.exists() for path in left)
     assert kept.exists() and (tmp_path / "params.checked").exists()
+
+
+def test_the_package_has_no_import_cycles_and_the_shared_modules_import_no_subpackage():
+    modules = sorted((ROOT / "lorapipe").rglob("*.py"))
+    graph = {m: {d for d in direct_imports(m) if d != m and d.name != "__init__.py"} for m in modules}
+    state: dict[Path, str] = {}
+
+    def visit(module: Path, path: list[Path]) -> None:
+        state[module] = "open"
+        for dep in graph.get(module, ()):
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(
+                str(p.relative_to(ROOT)) for p in [*path, dep]
+            )
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = "done"
+
+    for module in modules:
+        if module not in state:
+            visit(module, [module])
+    shared = [m for m in modules if m.parent == ROOT / "lorapipe"]
+    for module in shared:
+        assert all(dep.parent == ROOT / "lorapipe" for dep in graph[module]), f"{module.name} imports a subpackage"

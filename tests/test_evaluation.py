@@ -10,9 +10,10 @@ import torch
 import yaml
 
 from conftest import INSTRUCTIONS, ROOT, TWEETS, instruction_rows, tiny_params, tweet_records, write_tweets_csv
-from lorapipe.adapters import ScoringBase, scoring_base
 from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
-from lorapipe.decoding import (
+from lorapipe.data.prompts import instruction_prompt
+from lorapipe.errors import PipelineError
+from lorapipe.evaluation.decoding import (
     common_prefix_length,
     encode,
     fit_prompts,
@@ -22,8 +23,7 @@ from lorapipe.decoding import (
     render,
     stop_ids,
 )
-from lorapipe.errors import PipelineError
-from lorapipe.evaluation import (
+from lorapipe.evaluation.evaluate import (
     Outputs,
     evaluate_baseline,
     evaluate_model,
@@ -33,10 +33,10 @@ from lorapipe.evaluation import (
     load_sentiment,
     write_outputs,
 )
+from lorapipe.evaluation.metrics import parse_label
 from lorapipe.io import read_json, read_jsonl, write_json, write_jsonl
-from lorapipe.metrics import parse_label
-from lorapipe.modeling import load_for_inference, load_tokenizer
-from lorapipe.prompts import instruction_prompt
+from lorapipe.models.adapters import ScoringBase, scoring_base
+from lorapipe.models.loading import load_for_inference, load_tokenizer
 
 PROMPT = PromptParams(
     system="You are a helpful assistant.",

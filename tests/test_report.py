@@ -9,8 +9,7 @@ import yaml
 from conftest import ROOT
 from lorapipe.config import ReportParams
 from lorapipe.io import write_json, write_jsonl
-from lorapipe.report import render_markdown, write_report
-from lorapipe.report_inputs import (
+from lorapipe.report.inputs import (
     ModelFiles,
     ReportInputs,
     ReportSources,
@@ -18,6 +17,7 @@ from lorapipe.report_inputs import (
     find_curve,
     load_report_inputs,
 )
+from lorapipe.report.markdown import render_markdown, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PARAMS = ReportParams(

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, sentiment_rows, tiny_params
 from lorapipe.config import parse_params
+from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json, write_jsonl
-from lorapipe.modeling import choose_hardware, load_for_inference, load_tokenizer
-from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.models.loading import choose_hardware, load_for_inference, load_tokenizer
 from lorapipe.records import record
-from lorapipe.training import TrainJob, fit_to_max_length, lora_config, sft_config, train_adapter
+from lorapipe.training.recipe import TrainJob, fit_to_max_length, lora_config, sft_config, train_adapter
 
 
 @pytest.fixture()
@@ -163,20 +163,20 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
             if state.global_step == 5:
                 raise Interrupt
 
-    import lorapipe.trainer
+    import lorapipe.training.trainer
 
-    original = lorapipe.trainer.LabelHeadSFTTrainer.__init__
+    original = lorapipe.training.trainer.LabelHeadSFTTrainer.__init__
 
     def with_interrupt(self, *args, **kwargs):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), StopAfterFive()]
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(lorapipe.trainer.LabelHeadSFTTrainer, "__init__", with_interrupt)
+    monkeypatch.setattr(lorapipe.training.trainer.LabelHeadSFTTrainer, "__init__", with_interrupt)
     with pytest.raises(Interrupt):
         train_adapter(job, params.lora, train)
     assert not job.adapter_out.exists()
     assert sorted(p.name for p in job.checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(lorapipe.trainer.LabelHeadSFTTrainer, "__init__", original)
+    monkeypatch.setattr(lorapipe.training.trainer.LabelHeadSFTTrainer, "__init__", original)
 
     summary = train_adapter(job, params.lora, train)
     assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 6
@@ -191,7 +191,7 @@ import os, signal, sys
 from pathlib import Path
 from transformers import Trainer
 from lorapipe.config import load_params
-from lorapipe.training import TrainJob, train_adapter
+from lorapipe.training.recipe import TrainJob, train_adapter
 
 save = Trainer._save_optimizer_and_scheduler
 def killed_mid_save(self, output_dir):
@@ -275,7 +275,7 @@ def bos_model(tiny_model, tmp_path):
 
 
 def test_models_pretrained_with_bos_see_it_in_training_and_decoding(bos_model, params):
-    from lorapipe.decoding import encode, render
+    from lorapipe.evaluation.decoding import encode, render
 
     tokenizer = load_tokenizer(bos_model)
     bos = tokenizer.bos_token_id

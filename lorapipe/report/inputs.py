@@ -12,8 +12,8 @@ import yaml
 
 from lorapipe.config import ReportParams
 from lorapipe.errors import PipelineError, yaml_problem
+from lorapipe.evaluation.metrics import confusion_matrix
 from lorapipe.io import read_json, read_jsonl
-from lorapipe.metrics import confusion_matrix
 
 MODEL_ORDER = ("base", "sentiment", "mixed")
 BASELINE = "baseline"

@@ -109,7 +109,7 @@ def render_model_card(facts: CardFacts) -> str:
             f'tokenizer = AutoTokenizer.from_pretrained("models/adapters/{facts.name}")',
             "```",
             "",
-            "Or from the pipeline's repository: `python -m lorapipe.chat --adapter "
+            "Or from the pipeline's repository: `python -m lorapipe.cli.chat --adapter "
             f'models/adapters/{facts.name} "..."`; elsewhere: `dvc artifacts get <repo-url> {facts.name}-adapter`.',
             "",
         ]

@@ -1,6 +1,6 @@
 """The report: tables, figures, side-by-side answers, model cards and provenance in one Markdown file.
 
-:func:`render_markdown` is a pure function of :class:`~lorapipe.report_inputs.ReportInputs`, so a test can
+:func:`render_markdown` is a pure function of :class:`~lorapipe.report.inputs.ReportInputs`, so a test can
 render a report from a few fixture values; :func:`write_report` adds the figures and the model cards.
 """
 
@@ -11,10 +11,10 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from lorapipe.figures import BASELINE_TITLE, CONFUSION_PNG, CURVES_PNG, draw_figures
 from lorapipe.io import atomic_dir
-from lorapipe.model_card import CardFacts, describe_source, render_model_card
-from lorapipe.report_inputs import ReportInputs, model_order
+from lorapipe.models.model_card import CardFacts, describe_source, render_model_card
+from lorapipe.report.figures import BASELINE_TITLE, CONFUSION_PNG, CURVES_PNG, draw_figures
+from lorapipe.report.inputs import ReportInputs, model_order
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,54 +15,6 @@ from lorapipe.config import TrainParams
 from lorapipe.errors import PipelineError
 
 log = logging.getLogger(__name__)
-
-
-def materialize_base_model(raw: Path, out: Path, shown_as: str) -> dict:
-    """Write ``out`` as safetensors + config + tokenizer from a GGUF file or a safetensors folder.
-
-    ``shown_as`` names the source in errors (``raw`` is a copy in the stage's scratch folder).
-    """
-    if raw.is_file() and raw.suffix == ".gguf":
-        return _convert_gguf(raw, out)
-    if raw.is_dir():
-        if not list(raw.glob("*.safetensors")):
-            raise PipelineError(f"{shown_as}: no .safetensors weights (model.source); other weight formats are refused")
-        shutil.copytree(raw, out, dirs_exist_ok=True)
-        return {"format": "safetensors"}
-    raise PipelineError(f"{shown_as}: model.source must give a .gguf file or a folder of safetensors")
-
-
-@contextlib.contextmanager
-def gguf_parsed_once() -> Iterator[None]:
-    """Within: each GGUF file parsed once, and gguf's tensor-name map built once per architecture.
-
-    transformers parses the file for the config, again for the tokenizer and again for the weights, and builds
-    the name map anew for every tensor: 19.6 s of the SmolLM2 conversion, 9.3 s with both cached, the written
-    files byte-identical. Both are pure functions of their arguments; the originals are restored on exit.
-    """
-    import gguf
-
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-
-
-def _convert_gguf(gguf: Path, out: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to safetensors (dequantised to fp32)", gguf.name)
-    with gguf_parsed_once():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF load leaves a quantizer attached that blocks save_pretrained.
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return {"format": "gguf", "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def load_tokenizer(path: str | Path, padding_side: str = "right"):
@@ -257,7 +207,7 @@ def load_for_inference(
     base: str | Path, adapter: str | Path | None = None, precision: str = "fp32", four_bit: str | None = None
 ):
     """The base model with an adapter, on a GPU if there is one: merged in, or with ``four_bit`` (its compute
-    precision) unmerged on the 4-bit base as QLoRA trained it (see :func:`lorapipe.adapters.scoring_base`).
+    precision) unmerged on the 4-bit base as QLoRA trained it (see :func:`lorapipe.models.adapters.scoring_base`).
 
     fp32 weights on a CPU (bf16 there means autocast, see :func:`inference_precision`); on a GPU, bf16
     precision loads bf16 weights (fp16 where the GPU has no bf16), half the memory of fp32.

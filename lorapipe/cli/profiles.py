@@ -1,4 +1,4 @@
-"""Switch params.yaml to a profile from profiles/: ``python -m lorapipe.profiles study-a-mistral-7b``."""
+"""Switch params.yaml to a profile from profiles/: ``python -m lorapipe.cli.profiles study-a-mistral-7b``."""
 
 from __future__ import annotations
 

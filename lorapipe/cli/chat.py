@@ -1,9 +1,9 @@
 """Answer prompts with the base model plus an adapter, in the chat format it was trained on.
 
-python -m lorapipe.chat --adapter models/adapters/sentiment --tweet "Stuck in traffic again, love it"
-python -m lorapipe.chat --adapter models/adapters/mixed "Write a haiku about autumn."
-python -m lorapipe.chat --adapter models/adapters/mixed --file prompts.txt           # one prompt a line
-python -m lorapipe.chat --adapter models/adapters/mixed --records data/prepared/out_of_sample.jsonl
+python -m lorapipe.cli.chat --adapter models/adapters/sentiment --tweet "Stuck in traffic again, love it"
+python -m lorapipe.cli.chat --adapter models/adapters/mixed "Write a haiku about autumn."
+python -m lorapipe.cli.chat --adapter models/adapters/mixed --file prompts.txt           # one prompt a line
+python -m lorapipe.cli.chat --adapter models/adapters/mixed --records data/prepared/out_of_sample.jsonl
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from lorapipe.adapters import check_base, scoring_base
 from lorapipe.config import PromptParams, load_params
-from lorapipe.decoding import generate_answers
+from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
-from lorapipe.modeling import load_for_inference, load_tokenizer, tokenizer_dir
-from lorapipe.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.evaluation.decoding import generate_answers
+from lorapipe.models.adapters import check_base, scoring_base
+from lorapipe.models.loading import load_for_inference, load_tokenizer, tokenizer_dir
 from lorapipe.records import Conversation, read_records
 
 

@@ -11,11 +11,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorapipe.archives import extract_member
 from lorapipe.config import HubSource, LocalSource, RegistrySource
 from lorapipe.errors import PipelineError
 from lorapipe.io import sha256_file
-from lorapipe.registry import download
+from lorapipe.sources.archives import extract_member
+from lorapipe.sources.registry import download
 
 log = logging.getLogger(__name__)
 

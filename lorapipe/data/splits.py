@@ -20,9 +20,9 @@ from lorapipe.config import (
     SplitParams,
     TweetsParams,
 )
+from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, write_json, write_jsonl
-from lorapipe.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.records import read_records, record
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base model and save full safetensors weights.
 
-``python -m lorapipe.export --adapter models/adapters/sentiment --out exported/sentiment [--force]``
+``python -m lorapipe.cli.export --adapter models/adapters/sentiment --out exported/sentiment [--force]``
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lorapipe.adapters import check_base
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, run_stage
-from lorapipe.modeling import load_for_inference, load_tokenizer, tokenizer_dir
+from lorapipe.models.adapters import check_base
+from lorapipe.models.loading import load_for_inference, load_tokenizer, tokenizer_dir
 
 
 def export_merged(base: Path, adapter: Path, out: Path, force: bool = False, allow_other_base: bool = False) -> Path:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorapipe.config import SENTIMENT_LABELS
-from lorapipe.metrics import CONFUSION_LABELS
-from lorapipe.report_inputs import BASELINE, CURVES, ReportInputs, model_order
+from lorapipe.evaluation.metrics import CONFUSION_LABELS
+from lorapipe.report.inputs import BASELINE, CURVES, ReportInputs, model_order
 
 BASELINE_TITLE = "TF-IDF + logistic regression"
 CONFUSION_PNG = "confusion.png"

@@ -2,7 +2,7 @@
 
 :func:`train_adapter` reads as the recipe it runs (in the manner of alignment-handbook's ``sft.py``);
 each step is a function below it. The trainer is TRL's SFTTrainer with this project's loss and batching
-(:mod:`lorapipe.trainer`).
+(:mod:`lorapipe.training.trainer`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorapipe.batching import prefix_key, split_rows
-from lorapipe.checkpoints import FINGERPRINT, fingerprint, resume_point
 from lorapipe.config import LoraParams, TrainParams
 from lorapipe.errors import PipelineError
 from lorapipe.host import (
@@ -36,16 +34,7 @@ from lorapipe.host import (
     step_timer,
 )
 from lorapipe.io import atomic_file, read_json, remove_stale_staging, replace_dir, sha256_file, write_json
-from lorapipe.label_head import (
-    add_label_head,
-    label_head_agrees,
-    remove_label_head,
-    shared_prefix_length,
-    supports_label_head,
-    use_mask_dropout,
-)
-from lorapipe.model_card import CARD_FACTS, CardFacts, render_model_card
-from lorapipe.modeling import (
+from lorapipe.models.loading import (
     Hardware,
     choose_hardware,
     load_causal_lm,
@@ -53,7 +42,18 @@ from lorapipe.modeling import (
     sharded_launch,
     store_frozen_linears_in_bf16,
 )
+from lorapipe.models.model_card import CARD_FACTS, CardFacts, render_model_card
 from lorapipe.records import read_records
+from lorapipe.training.batching import prefix_key, split_rows
+from lorapipe.training.checkpoints import FINGERPRINT, fingerprint, resume_point
+from lorapipe.training.label_head import (
+    add_label_head,
+    label_head_agrees,
+    remove_label_head,
+    shared_prefix_length,
+    supports_label_head,
+    use_mask_dropout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from lorapipe.trainer import LabelHeadSFTTrainer
+    from lorapipe.training.trainer import LabelHeadSFTTrainer
 
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     shared = use_shared_prefix(train, label_head)

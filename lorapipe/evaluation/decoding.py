@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from lorapipe.config import SENTIMENT_LABELS
+from lorapipe.evaluation.metrics import label_is_settled, parse_label
 from lorapipe.host import refresh_threads
-from lorapipe.metrics import label_is_settled, parse_label
 from lorapipe.records import Conversation
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def render(tokenizer, conversations: Sequence[Conversation]) -> list[str]:
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    # The chat template writes the BOS token (lorapipe.modeling.chat_template_with_bos makes sure it does).
+    # The chat template writes the BOS token (lorapipe.models.loading.chat_template_with_bos makes sure it does).
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
@@ -254,7 +254,7 @@ def predict_sentiment(
     """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
 
     The answer stops at the end-of-turn token, after ``max_new_tokens``, or (``stop_when_settled``) as soon as its
-    first label word is settled (:func:`~lorapipe.metrics.label_is_settled`): the generated label is the same as
+    first label word is settled (:func:`~lorapipe.evaluation.metrics.label_is_settled`): the generated label is the same as
     the full answer's.
     """
     texts = render(tokenizer, conversations)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from lorapipe.label_head import shared_prefix_length
+from lorapipe.training.label_head import shared_prefix_length
 
 MEGABATCH = 16  # batches sorted by length together (as transformers' LengthGroupedSampler does with 50)
 

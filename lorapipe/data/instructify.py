@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 
 from lorapipe.config import Params, PromptParams
-from lorapipe.data import (
+from lorapipe.data.prompts import instruction_prompt
+from lorapipe.data.splits import (
     clean_instructions,
     clean_tweets,
     instruction_records,
@@ -19,8 +20,7 @@ from lorapipe.data import (
 )
 from lorapipe.errors import PipelineError, yaml_problem
 from lorapipe.io import atomic_dir, read_json, write_json, write_jsonl
-from lorapipe.prompts import instruction_prompt
-from lorapipe.tables import read_table
+from lorapipe.sources.tables import read_table
 
 log = logging.getLogger(__name__)
 

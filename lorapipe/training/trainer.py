@@ -3,10 +3,10 @@
 SFTTrainer keeps what it does well: tokenising prompt/completion records, the completion mask,
 checkpoints, resumption, logging callbacks, distributed launch. Two things change:
 
-* the loss: :mod:`lorapipe.label_head` (LM head on label positions only, shared prefix once per batch)
+* the loss: :mod:`lorapipe.training.label_head` (LM head on label positions only, shared prefix once per batch)
   instead of TRL's chunked head, which on a CPU projects every position onto the vocabulary;
-* the order: :mod:`lorapipe.batching` groups alike records into batches when the prefix is shared;
-* LoRA dropout with a cheaper mask (:class:`~lorapipe.label_head.MaskDropout`);
+* the order: :mod:`lorapipe.training.batching` groups alike records into batches when the prefix is shared;
+* LoRA dropout with a cheaper mask (:class:`~lorapipe.training.label_head.MaskDropout`);
 * memory: a batch whose forward would run more than ``pass_tokens`` tokens is split into forward/backward
   passes of fewer rows (:func:`split_rows`), each loss divided by the whole batch's label count, so the
   gradients add up to the whole batch's. Activations are about 1 MiB per token here (bf16 autocast; 2 in
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from trl import SFTTrainer
 
-from lorapipe.batching import GroupedSampler, split_rows
-from lorapipe.label_head import add_label_head, shared_prefix_length, use_mask_dropout
+from lorapipe.training.batching import GroupedSampler, split_rows
+from lorapipe.training.label_head import add_label_head, shared_prefix_length, use_mask_dropout
 
 log = logging.getLogger(__name__)
 

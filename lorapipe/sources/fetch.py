@@ -8,9 +8,9 @@ from pathlib import Path, PurePosixPath
 
 from lorapipe.config import DataParams, HubSource, LocalSource, ModelParams, Params, RegistrySource, Source
 from lorapipe.io import atomic_dir, sha256_file, write_json
-from lorapipe.modeling import materialize_base_model
-from lorapipe.sources import fetch_hub_dataset, fetch_hub_model, fetch_local, fetch_registry
-from lorapipe.tables import read_table
+from lorapipe.sources.fetchers import fetch_hub_dataset, fetch_hub_model, fetch_local, fetch_registry
+from lorapipe.sources.gguf import materialize_base_model
+from lorapipe.sources.tables import read_table
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json
-from lorapipe.model_card import CARD_FACTS
+from lorapipe.models.model_card import CARD_FACTS
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class ScoringBase:
 
     @property
     def four_bit(self) -> str | None:
-        """What :func:`lorapipe.modeling.load_for_inference` takes: the 4-bit compute precision, or None."""
+        """What :func:`lorapipe.models.loading.load_for_inference` takes: the 4-bit compute precision, or None."""
         return self.compute_precision if self.quantize_4bit else None
 
 

@@ -58,7 +58,7 @@ def _by_step(folder: Path) -> list[Path]:
 
 def resume_point(checkpoints: Path, expected: dict[str, Any]) -> Path | None:
     """The newest complete checkpoint trained from ``expected``'s inputs, or None; checkpoints of other inputs and
-    incomplete ones are deleted (by the main process only: see ``lorapipe.training.resume_checkpoint``)."""
+    incomplete ones are deleted (by the main process only: see ``lorapipe.training.recipe.resume_checkpoint``)."""
     if not checkpoints.is_dir():
         return None
     stamp = checkpoints / FINGERPRINT

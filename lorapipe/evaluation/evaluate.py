@@ -1,6 +1,6 @@
 """One model's evaluation: sentiment both ways, instruction answers and their scores, written as files.
 
-The decoding itself is :mod:`lorapipe.decoding`; this module turns test records into its inputs and its
+The decoding itself is :mod:`lorapipe.evaluation.decoding`; this module turns test records into its inputs and its
 outputs into the metrics JSON and the prediction files that the report and ``dvc plots`` read.
 """
 
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lorapipe.baseline import tfidf_predictions
 from lorapipe.config import EvalParams
-from lorapipe.decoding import generate_answers, predict_sentiment
+from lorapipe.evaluation.baseline import tfidf_predictions
+from lorapipe.evaluation.decoding import generate_answers, predict_sentiment
+from lorapipe.evaluation.metrics import NO_LABEL, classification_metrics, mean_scores, text_scores
 from lorapipe.host import peak_rss_mib
 from lorapipe.io import atomic_dir, atomic_file, write_json, write_jsonl
-from lorapipe.metrics import NO_LABEL, classification_metrics, mean_scores, text_scores
-from lorapipe.modeling import inference_precision
+from lorapipe.models.loading import inference_precision
 from lorapipe.records import answer_text, read_records
 
 log = logging.getLogger(__name__)

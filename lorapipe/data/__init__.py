@@ -1,0 +1,1 @@
+"""Records to instructions: prompts, cleaning, splits, the mix; the instructify and mix stages."""

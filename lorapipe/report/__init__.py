@@ -1,0 +1,1 @@
+"""The report stage: its inputs, its Markdown and its plots."""

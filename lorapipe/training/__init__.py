@@ -1,0 +1,1 @@
+"""The train stage: the recipe, TRL's SFTTrainer with this project's loss and batching, resumption, launch."""
