@@ -254,8 +254,8 @@ def predict_sentiment(
     """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
 
     The answer stops at the end-of-turn token, after ``max_new_tokens``, or (``stop_when_settled``) as soon as its
-    first label word is settled (:func:`~lorapipe.evaluation.metrics.label_is_settled`): the generated label is the same as
-    the full answer's.
+    first label word is settled (:func:`~lorapipe.evaluation.metrics.label_is_settled`): the generated label is
+    the same as the full answer's.
     """
     texts = render(tokenizer, conversations)
     ids, cut = fit_prompts(encode(tokenizer, texts), max_prompt_tokens)
