@@ -54,6 +54,7 @@ from lorapipe.training.label_head import (
     supports_label_head,
     use_mask_dropout,
 )
+from lorapipe.training.launch import launched
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     # here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
     set_seed(train.seed)
     rows = read_records(job.train_file)
-    if launched_distributed():  # join the other processes now: the ranks agree on precision and resume point
+    if launched():  # join the other processes now: the ranks agree on precision and resume point
         PartialState()
     with shared_cores():
         tokenizer, model = load_model(job.base_model, lora, train, hardware, job.params_file)
@@ -286,7 +287,7 @@ def resume_checkpoint(job: TrainJob, lora: LoraParams, train: TrainParams) -> Pa
     Rank 0 alone looks (it deletes stale checkpoints and rewrites the stamp while it does) and sends its answer
     to the other ranks, so they all resume from the same step.
     """
-    distributed = launched_distributed() and torch.distributed.is_initialized()
+    distributed = launched() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     decided: list[str | None] = [None]
     if rank == 0:
@@ -299,11 +300,6 @@ def resume_checkpoint(job: TrainJob, lora: LoraParams, train: TrainParams) -> Pa
     if distributed:
         torch.distributed.broadcast_object_list(decided, src=0)
     return job.checkpoints / decided[0] if decided[0] else None
-
-
-def launched_distributed() -> bool:
-    """Whether accelerate launched this process as one of several."""
-    return "LOCAL_RANK" in os.environ
 
 
 def lora_config(lora: LoraParams):
