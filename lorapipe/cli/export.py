@@ -35,9 +35,9 @@ def export_merged(base: Path, adapter: Path, out: Path, force: bool = False, all
 def check_output_folder(out: Path, kept: dict[str, Path]) -> None:
     """Refuse an output folder that is, holds or lies inside a folder that must survive the export, or that is or
     holds the current folder (the repository)."""
-    target = out.resolve()
-    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
-        raise PipelineError(f"{out}: is or holds the current folder ({Path.cwd()}); choose a folder of its own")
+    target, here = out.resolve(), Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise PipelineError(f"{out}: is or holds the current folder ({here}); choose a folder of its own")
     for name, folder in kept.items():
         folder = folder.resolve()
         if target == folder or folder in target.parents or target in folder.parents:

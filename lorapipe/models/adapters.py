@@ -9,7 +9,7 @@ import torch
 
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json
-from lorapipe.models.model_card import CARD_FACTS
+from lorapipe.models.model_card import CARD_FACTS, describe_source
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,6 @@ def check_base(adapter: Path, base: Path, allow_other_base: bool = False) -> Non
     recorded, given = _base_identity(read_json(card).get("base_model", {})), _base_identity(read_json(manifest))
     if recorded != given:
         raise PipelineError(
-            f"{card}: base_model: the adapter was trained on {recorded[0]} ({_describe(recorded[1])}), but {base} "
-            f"is {given[0]} ({_describe(given[1])}); pass --allow-other-base to use it anyway"
+            f"{card}: base_model: the adapter was trained on {recorded[0]} ({describe_source(recorded[1])}), but "
+            f"{base} is {given[0]} ({describe_source(given[1])}); pass --allow-other-base to use it anyway"
         )
-
-
-def _describe(source: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in source.items() if key != "kind") or "no source recorded"

@@ -112,11 +112,17 @@ def hub_errors(source: HubSource, field: str) -> Iterator[None]:
     from httpx2 import TransportError  # huggingface_hub's HTTP client: no network, DNS failures, timeouts
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    failures = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, TransportError, ConnectionError)
-    failures += (HFValidationError,)  # not a repository id (a local path belongs in a local source)
     try:
         yield
-    except (*failures, FileNotFoundError) as err:
+    except (
+        HfHubHTTPError,
+        HFValidationError,  # not a repository id (a local path belongs in a local source)
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        TransportError,
+        ConnectionError,
+        FileNotFoundError,
+    ) as err:
         reason = " ".join(str(err).split()) or type(err).__name__
         reason = reason if len(reason) <= 300 else reason[:297] + "..."
         raise PipelineError(

@@ -23,6 +23,14 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def rank() -> int:
+    """This process's rank among those launched together (``RANK``, which every launcher sets), 0 when alone.
+
+    Not accelerate's ``PartialState().process_index``: under ``accelerate launch`` on a CPU it says 0 in every rank.
+    """
+    return int(os.environ.get("RANK", 0))
+
+
 def accelerate_command(config: Path, processes: int, script: list[str]) -> list[str]:
     """``accelerate launch`` of ``script`` (a script path and its arguments) in ``processes`` processes."""
     return [

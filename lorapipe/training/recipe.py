@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import errno
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from lorapipe.training.label_head import (
     supports_label_head,
     use_mask_dropout,
 )
-from lorapipe.training.launch import launched
+from lorapipe.training.launch import launched, rank
 
 log = logging.getLogger(__name__)
 
@@ -162,26 +161,33 @@ def fit_to_max_length(
     encoded = tokenize_records(tokenizer, rows)
     lengths = [len(ids) for ids, _ in encoded]
     over = {i for i, length in enumerate(lengths) if length > train.max_length}
-    if not over or train.overlong == "truncate":
-        # TRL drops a record whose prompt alone fills max_length (nothing of the answer is left): so do we, so
-        # that the rows and the batching's lengths stay aligned with what TRL keeps.
-        answerless = {i for i, (_, prompt) in enumerate(encoded) if prompt >= train.max_length}
-        if over:
-            log.warning(
-                "%d records longer than %d tokens are truncated, %d of them dropped as no answer token is left "
-                "(train.overlong)", len(over), train.max_length, len(answerless),
-            )  # fmt: skip
-        return [row for i, row in enumerate(rows) if i not in answerless], len(over)
-    if train.overlong == "refuse":
+    if over and train.overlong == "refuse":
         first = min(over)
         raise PipelineError(
             f"{source}: line {first + 1}: {lengths[first]} tokens, more than train.max_length {train.max_length} "
             f"({len(over)} such records); raise train.max_length, or set train.overlong to drop or truncate"
         )
-    if len(over) == len(rows):
-        raise PipelineError(f"{source}: every record is longer than train.max_length {train.max_length} tokens")
-    log.info("dropped %d of %d records longer than %d tokens (train.overlong)", len(over), len(rows), train.max_length)
-    return [row for i, row in enumerate(rows) if i not in over], len(over)
+    if train.overlong == "drop":
+        if len(over) == len(rows):
+            raise PipelineError(f"{source}: every record is longer than train.max_length {train.max_length} tokens")
+        dropped = over
+        if over:
+            log.info(
+                "dropped %d of %d records longer than %d tokens (train.overlong)",
+                len(over),
+                len(rows),
+                train.max_length,
+            )
+    else:
+        # TRL drops a record whose prompt alone fills max_length (nothing of the answer is left): so do we, so
+        # that the rows and the batching's lengths stay aligned with what TRL keeps.
+        dropped = {i for i, (_, prompt) in enumerate(encoded) if prompt >= train.max_length}
+        if over:
+            log.warning(
+                "%d records longer than %d tokens are truncated, %d of them dropped as no answer token is left "
+                "(train.overlong)", len(over), train.max_length, len(dropped),
+            )  # fmt: skip
+    return [row for i, row in enumerate(rows) if i not in dropped], len(over)
 
 
 def probe_batch(tokenizer, rows: list[dict[str, Any]], size: int, max_length: int) -> dict[str, torch.Tensor]:
@@ -287,17 +293,15 @@ def resume_checkpoint(job: TrainJob, lora: LoraParams, train: TrainParams) -> Pa
     Rank 0 alone looks (it deletes stale checkpoints and rewrites the stamp while it does) and sends its answer
     to the other ranks, so they all resume from the same step.
     """
-    distributed = launched() and torch.distributed.is_initialized()
-    rank = torch.distributed.get_rank() if distributed else 0
     decided: list[str | None] = [None]
-    if rank == 0:
+    if rank() == 0:
         expected = fingerprint({"lora": lora.model_dump(), "train": train.model_dump()}, job.train_file, job.base_model)
         resume = resume_point(job.checkpoints, expected)
         job.checkpoints.mkdir(parents=True, exist_ok=True)
         write_json(job.checkpoints / FINGERPRINT, expected)
         decided = [resume.name if resume else None]
         log.info("rank 0 decided: resume from %s", decided[0] or "the start")
-    if distributed:
+    if launched() and torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(decided, src=0)
     return job.checkpoints / decided[0] if decided[0] else None
 
@@ -417,7 +421,7 @@ def build_trainer(job: TrainJob, rows, model, tokenizer, lora, train, hardware, 
 
 def live_callbacks(live_dir: Path | None, resuming: bool) -> list:
     """transformers' own DVCLive callback with a Live of ours (one folder per model, no dvc.yaml rewrite)."""
-    if live_dir is None or int(os.environ.get("RANK", 0)) != 0:
+    if live_dir is None or rank() != 0:
         return []
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
@@ -502,8 +506,6 @@ def save_adapter(job: TrainJob, trainer, lora, train, summary: dict, examples: i
     (staging / "README.md").write_text(render_model_card(facts), encoding="utf-8")
     write_json(staging / CARD_FACTS, dataclasses.asdict(facts))  # the report renders the card again with evaluation
     replace_dir(staging, job.adapter_out)
-    log.info(
-        "rank %d wrote %s", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0, job.adapter_out
-    )
+    log.info("rank %d wrote %s", rank(), job.adapter_out)
     with atomic_file(job.summary_out) as tmp:
         write_json(tmp, summary)
