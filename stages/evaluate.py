@@ -26,8 +26,8 @@ from lorapipe.evaluation.evaluate import (
 )
 from lorapipe.host import shared_cores
 from lorapipe.io import run_stage
-from lorapipe.models.adapters import check_base, scoring_base
-from lorapipe.models.loading import load_for_inference, load_tokenizer, require_adapter, tokenizer_dir
+from lorapipe.models.adapters import load_adapted
+from lorapipe.models.loading import load_tokenizer, require_adapter, tokenizer_dir
 
 log = logging.getLogger("lorapipe.stages.evaluate")
 
@@ -59,10 +59,7 @@ def main() -> None:
             write_outputs(evaluate_baseline(train, data.sentiment), args.baseline_metrics, args.baseline_predictions)
         with shared_cores():
             started = time.perf_counter()
-            if adapter is not None:
-                check_base(adapter, args.base)
-            on = scoring_base(adapter, as_trained=params.adapter_base == "as_trained")
-            model = load_for_inference(args.base, adapter, params.precision, on.four_bit)
+            model, on = load_adapted(args.base, adapter, params.precision, params.adapter_base == "as_trained")
             tokenizer = load_tokenizer(tokenizer_dir(args.base, adapter), padding_side="left")
             log.info(
                 "loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started

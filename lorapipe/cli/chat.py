@@ -18,8 +18,8 @@ from lorapipe.config import PromptParams, load_params
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
 from lorapipe.evaluation.decoding import generate_answers
-from lorapipe.models.adapters import check_base, scoring_base
-from lorapipe.models.loading import load_for_inference, load_tokenizer, tokenizer_dir
+from lorapipe.models.adapters import load_adapted
+from lorapipe.models.loading import load_tokenizer, tokenizer_dir
 from lorapipe.records import Conversation, read_records
 
 
@@ -37,11 +37,8 @@ def answer(
     max_new_tokens: int = 128,
     allow_other_base: bool = False,
 ) -> list[str]:
-    if adapter is not None:
-        check_base(adapter, base, allow_other_base)
     # As trained where that is possible: a QLoRA adapter on its 4-bit base on CUDA, merged in full precision on a CPU.
-    on = scoring_base(adapter, as_trained=torch.cuda.is_available())
-    model = load_for_inference(base, adapter, four_bit=on.four_bit)
+    model, _ = load_adapted(base, adapter, as_trained=torch.cuda.is_available(), allow_other_base=allow_other_base)
     tokenizer = load_tokenizer(tokenizer_dir(base, adapter), padding_side="left")
     return generate_answers(model, tokenizer, prompts, batch_size=8, max_new_tokens=max_new_tokens).texts
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, run_stage
-from lorapipe.models.adapters import check_base
-from lorapipe.models.loading import load_for_inference, load_tokenizer, tokenizer_dir
+from lorapipe.models.adapters import load_adapted
+from lorapipe.models.loading import load_tokenizer, tokenizer_dir
 
 
 def export_merged(base: Path, adapter: Path, out: Path, force: bool = False, allow_other_base: bool = False) -> Path:
@@ -23,8 +23,7 @@ def export_merged(base: Path, adapter: Path, out: Path, force: bool = False, all
     check_output_folder(out, {"--adapter": adapter, "--base": base})
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise PipelineError(f"{out}: exists and is not empty; pass --force to replace it")
-    check_base(adapter, base, allow_other_base)
-    model = load_for_inference(base, adapter)
+    model, _ = load_adapted(base, adapter, as_trained=False, allow_other_base=allow_other_base)  # merged in fp32
     tokenizer = load_tokenizer(tokenizer_dir(base, adapter))
     with atomic_dir(out) as staging:
         model.save_pretrained(staging, safe_serialization=True)

@@ -9,6 +9,7 @@ import torch
 
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json
+from lorapipe.models.loading import load_for_inference
 from lorapipe.models.model_card import CARD_FACTS, describe_source
 
 
@@ -70,3 +71,18 @@ def check_base(adapter: Path, base: Path, allow_other_base: bool = False) -> Non
             f"{card}: base_model: the adapter was trained on {recorded[0]} ({describe_source(recorded[1])}), but "
             f"{base} is {given[0]} ({describe_source(given[1])}); pass --allow-other-base to use it anyway"
         )
+
+
+def load_adapted(
+    base: Path,
+    adapter: Path | None,
+    precision: str = "fp32",
+    as_trained: bool = True,
+    allow_other_base: bool = False,
+):
+    """The model to use ``adapter`` with, checked against the base its card records, on the weights
+    :func:`scoring_base` picks; and those weights. Without an adapter, the base model alone."""
+    if adapter is not None:
+        check_base(adapter, base, allow_other_base)
+    on = scoring_base(adapter, as_trained)
+    return load_for_inference(base, adapter, precision, on.four_bit), on
