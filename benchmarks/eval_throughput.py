@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from lorapipe.config import load_params
-from lorapipe.evaluation.decoding import generate_answers, predict_sentiment
 from lorapipe.evaluation.evaluate import load_instructions, load_out_of_sample, load_sentiment
+from lorapipe.labels import read_labels
+from lorapipe.models.decoding import generate_answers, predict_sentiment
 from lorapipe.models.loading import inference_precision, load_for_inference, load_tokenizer, tokenizer_dir
 
 
@@ -44,17 +45,20 @@ def main() -> None:
     params = load_params(args.params).eval
     model = load_for_inference(args.base, args.adapter)
     tokenizer = load_tokenizer(tokenizer_dir(args.base, args.adapter), padding_side="left")
-    tweets = load_sentiment(args.prepared / "sentiment_test.jsonl", args.tweets)
+    labels = read_labels(args.prepared / "labels.json").labels
+    tweets = load_sentiment(args.prepared / "sentiment_test.jsonl", labels, args.tweets)
     prompts = [r["prompt"] for r in tweets]
     print(f"model: {args.base}{' + ' + str(args.adapter) if args.adapter else ''}, {torch.get_num_threads()} threads")
 
     scored = {}
     for precision in ("fp32", "bf16"):
         with inference_precision(precision, model.device):
-            predictions, seconds = timed(lambda: predict_sentiment(model, tokenizer, prompts, params.batch_size, 1))
-        labels = [p.score_label for p in predictions]
-        accuracy = sum(label == r["label"] for label, r in zip(labels, tweets, strict=True)) / len(tweets)
-        scored[precision] = labels
+            predictions, seconds = timed(
+                lambda: predict_sentiment(model, tokenizer, prompts, labels, params.batch_size, 1)
+            )
+        chosen = [p.score_label for p in predictions]
+        accuracy = sum(label == r["label"] for label, r in zip(chosen, tweets, strict=True)) / len(tweets)
+        scored[precision] = chosen
         print(f"label scoring {precision}: {len(tweets) / seconds:6.1f} tweets/s, accuracy {accuracy:.4f}")
     changed = sum(a != b for a, b in zip(scored["fp32"], scored["bf16"], strict=True))
     print(f"labels bf16 changed: {changed} of {len(tweets)}")
@@ -62,7 +66,7 @@ def main() -> None:
     answered = {}
     for settled in (False, True):
         answer = partial(
-            predict_sentiment, model, tokenizer, prompts, params.batch_size, params.sentiment_max_new_tokens
+            predict_sentiment, model, tokenizer, prompts, labels, params.batch_size, params.sentiment_max_new_tokens
         )
         predictions, seconds = timed(partial(answer, stop_when_settled=settled))
         answered[settled] = [p.generated_label for p in predictions]

@@ -93,7 +93,7 @@ def synthetic_tweets(prompt, count: int, seed: int = 0) -> list[dict]:
     for i in range(count):
         label = "positive" if i % 2 else "negative"
         text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 25)))
-        rows.append(record(sentiment_prompt(text, prompt), label, label=label, text=text))
+        rows.append(record(sentiment_prompt(text, prompt, ("positive", "negative")), label, label=label, text=text))
     return rows
 
 

@@ -9,7 +9,9 @@ place a value comes from.
 from __future__ import annotations
 
 import codecs
+import re
 import string
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,9 +19,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lorapipe.errors import PipelineError, yaml_problem
-
-SENTIMENT_LABELS = ("positive", "negative")
-DROPPED_LABELS = ("neutral",)
 
 # transformers' OptimizerNames at the pinned version (tests/test_config.py keeps the two equal); listed here so
 # that validating params does not import transformers.
@@ -86,16 +85,53 @@ def placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
 
 
-def _require_placeholders(template: str, wanted: set[str]) -> str:
+def _require_placeholders(template: str, wanted: set[str], optional: frozenset[str] = frozenset()) -> str:
     try:
         found = placeholders(template)
     except ValueError as err:
         raise ValueError(f"is not a valid template ({err}); write a literal brace as {{{{ or }}}}") from None
-    if found != wanted:
+    if not wanted <= found <= wanted | optional:
         names = ", ".join("{" + name + "}" for name in sorted(wanted))
-        extra = sorted(found - wanted)
-        raise ValueError(f"must use exactly the placeholders {names}" + (f", not {{{extra[0]}}}" if extra else ""))
+        extra = sorted(found - wanted - optional)
+        may = "".join(f" (and may use {{{name}}})" for name in sorted(optional))
+        raise ValueError(f"must use exactly the placeholders {names}{may}" + (f", not {{{extra[0]}}}" if extra else ""))
     return template
+
+
+NO_LABEL = "none"  # the confusion matrix's column for answers that name no label
+
+
+def label_words(label: str) -> list[str]:
+    return label.casefold().split()
+
+
+def label_problems(labels: Sequence[str]) -> str | None:
+    """Why ``labels`` cannot be a label set, or None: fewer than two, blank, duplicate (ignoring case and spacing),
+    or one contained word for word in another ("spam" in "not spam": an answer naming one would name both)."""
+    if len(labels) < 2:
+        return "needs at least two labels"
+    for label in labels:
+        if not label.strip() or label != label.strip() or "\n" in label:
+            return f"{label!r} is blank, has a line break, or starts or ends with a space"
+        if label.casefold() == NO_LABEL:
+            return f"{label!r} is the name the confusion matrix gives answers that name no label"
+        if not re.search(r"[^\W_]", label):
+            return f"{label!r} has no letter or digit, so no answer could be read as it"
+    seen: dict[str, str] = {}
+    for label in labels:
+        key = " ".join(label_words(label))
+        if key in seen:
+            return f"{label!r} and {seen[key]!r} are the same label (case and spacing aside)"
+        seen[key] = label
+    for label in labels:
+        for other in labels:
+            inner, outer = " ".join(label_words(label)), " ".join(label_words(other))
+            if inner != outer and f" {inner} " in f" {outer} ":
+                return (
+                    f"{label!r} is part of {other!r}: an answer naming {other!r} would name both; "
+                    "rename one (e.g. 'ham' and 'spam')"
+                )
+    return None
 
 
 Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
@@ -150,9 +186,9 @@ class TweetsParams(Section):
     source: Source = doc("where the tweet table comes from (csv, json, jsonl or parquet)")
     encoding: str = doc("the text encoding of the tweet file")
     text_field: str = doc("the column that holds the tweet text")
-    label_field: str = doc("the column that holds the sentiment label")
+    label_field: str = doc("the column that holds the label")
     label_map: dict[str | int, str] | None = doc(
-        "raw label -> positive/negative/neutral (e.g. {'0': negative}); null: as is"
+        "raw label -> label (e.g. {'0': negative}); a value not in data.labels is unlisted; null: as is"
     )
     confidence_field: str | None = doc("the column of annotator confidence in [0, 1], or null if there is none")
 
@@ -163,14 +199,6 @@ class TweetsParams(Section):
             codecs.lookup(value)
         except LookupError:
             raise ValueError("is not a text encoding Python knows (e.g. utf-8, latin-1)") from None
-        return value
-
-    @field_validator("label_map")
-    @classmethod
-    def _known_labels(cls, value: dict[str | int, str] | None) -> dict[str | int, str] | None:
-        unknown = sorted(set((value or {}).values()) - set(SENTIMENT_LABELS) - set(DROPPED_LABELS))
-        if unknown:
-            raise ValueError(f"maps to {unknown[0]!r}; labels are {list(SENTIMENT_LABELS + DROPPED_LABELS)}")
         return value
 
 
@@ -184,8 +212,13 @@ class InstructionsParams(Section):
 class SplitParams(Section):
     seed: int = doc("seed of balancing, splitting and shuffling", ge=0)
     min_confidence: float = doc("drop tweets whose confidence is below this (an empty cell counts as 0)", ge=0, le=1)
-    balance: bool = doc("down-sample to as many positive as negative tweets before splitting")
+    balance: bool = doc("down-sample every label to as many tweets as the rarest has, before splitting")
     train_size: int = doc("training tweets, drawn after the test set (so changing it keeps the test set)", gt=0)
+    valid_size: int = doc(
+        "validation tweets, drawn from the training pool after the training tweets and scored while training; "
+        "0: no validation",
+        ge=0,
+    )
     test_size: int = doc("held-out test tweets", gt=0)
     instruction_test_size: int = doc("held-out instructions for the token F1 / ROUGE-L / BERTScore table", gt=0)
     max_instruction_chars: int = doc("drop instruction pairs longer than this, all fields together", gt=0)
@@ -195,18 +228,35 @@ class DataParams(Section):
     tweets: TweetsParams
     instructions: InstructionsParams
     split: SplitParams
+    labels: list[str] = doc(
+        "the answers the models learn, two or more short texts in order; with two, precision, recall and F1 are "
+        "of the first"
+    )
+    unlisted_labels: Literal["drop", "refuse"] = doc(
+        "rows whose label (after label_map) is not in labels: drop them, or refuse the file"
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _usable_labels(cls, value: list[str]) -> list[str]:
+        problem = label_problems(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class PromptParams(Section):
     system: str = doc("the system turn of every conversation (an explicit one stops templates adding theirs)")
-    sentiment_template: str = doc("the user turn for a tweet; {text} is the tweet")
+    sentiment_template: str = doc(
+        "the user turn for a tweet; {text} is the tweet, {labels} (optional) names data.labels ('a, b or c')"
+    )
     instruction_template: str = doc("the user turn for an instruction; {instruction} is the instruction")
     instruction_with_input_template: str = doc("the user turn for an instruction with an input: {instruction}, {input}")
 
     @field_validator("sentiment_template")
     @classmethod
     def _text(cls, value: str) -> str:
-        return _require_placeholders(value, {"text"})
+        return _require_placeholders(value, {"text"}, frozenset({"labels"}))
 
     @field_validator("instruction_template")
     @classmethod
@@ -281,6 +331,9 @@ class TrainParams(Section):
         pattern=r"^[A-Za-z0-9_./@+-]+$",
     )
     logging_steps: int = doc("log loss and learning rate every this many optimizer steps", gt=0)
+    eval_steps: int = doc(
+        "score the validation tweets (data.split.valid_size) every this many optimizer steps and at the end", gt=0
+    )
     save_steps: int = doc("save a resumable checkpoint every this many optimizer steps", gt=0)
     save_total_limit: int = doc("keep this many newest checkpoints", gt=0)
 

@@ -11,11 +11,10 @@ stops any of them with the same message naming the file, the record and the fiel
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import SENTIMENT_LABELS
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
 
@@ -39,9 +38,16 @@ def _is_conversation(value: Any) -> bool:
 
 
 def check_record(
-    row: dict[str, Any], path: Path, number: int, completion: bool = True, text_fields: Iterable[str] = ()
+    row: dict[str, Any],
+    path: Path,
+    number: int,
+    completion: bool = True,
+    text_fields: Iterable[str] = (),
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """``row`` itself if it is a valid record; otherwise one error naming the file, the record and the field."""
+    """``row`` itself if it is a valid record; otherwise one error naming the file, the record and the field.
+
+    With ``labels``, a ``label`` text field must be one of them."""
 
     def bad(field: str, why: str) -> PipelineError:
         return PipelineError(f"{path}: record {number} field {field!r} {why}")
@@ -55,21 +61,27 @@ def check_record(
     for field in text_fields:
         if not isinstance(row.get(field), str):
             raise bad(field, "is missing or not text")
-    if "label" in text_fields and row["label"] not in SENTIMENT_LABELS:
-        raise bad("label", f"is {row['label']!r}; known: {list(SENTIMENT_LABELS)}")
+    if labels is not None and "label" in text_fields and row["label"] not in labels:
+        raise bad("label", f"is {row['label']!r}; the labels are {list(labels)}")
     return row
 
 
 def read_records(
-    path: str | Path, completion: bool = True, text_fields: Iterable[str] = (), limit: int | None = None
+    path: str | Path,
+    completion: bool = True,
+    text_fields: Iterable[str] = (),
+    limit: int | None = None,
+    labels: Sequence[str] | None = None,
+    allow_empty: bool = False,
 ) -> list[dict[str, Any]]:
-    """The first ``limit`` (all if None) records of a JSONL file, each checked; an empty file is an error."""
+    """The first ``limit`` (all if None) records of a JSONL file, each checked; an empty file is an error unless
+    ``allow_empty``."""
     path = Path(path)
     fields = tuple(text_fields)
     rows = read_jsonl(path)
-    if not rows:
+    if not rows and not allow_empty:
         raise PipelineError(f"{path}: no records")
-    return [check_record(row, path, n, completion, fields) for n, row in enumerate(rows[:limit], start=1)]
+    return [check_record(row, path, n, completion, fields, labels) for n, row in enumerate(rows[:limit], start=1)]
 
 
 def answer_text(row: dict[str, Any]) -> str:

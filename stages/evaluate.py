@@ -1,7 +1,8 @@
 """eval_base / eval_all: score one model on the held-out tweets and instructions.
 
     python stages/evaluate.py --base models/base [--adapter models/adapters/sentiment] \
-        --tweets data/prepared/sentiment_test.jsonl --instructions data/prepared/instructions_test.jsonl \
+        --labels data/prepared/labels.json --tweets data/prepared/sentiment_test.jsonl \
+        --instructions data/prepared/instructions_test.jsonl \
         --out-of-sample data/prepared/out_of_sample.jsonl --metrics metrics/sentiment.json \
         --predictions data/predictions/sentiment [--baseline-train data/prepared/sentiment_train.jsonl \
         --baseline-metrics metrics/baseline.json --baseline-predictions data/predictions/baseline]
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True, help="the base model folder")
     parser.add_argument("--adapter", type=Path, help="an adapter folder; none to score the base model alone")
+    parser.add_argument("--labels", type=Path, required=True, help="the label set instructify wrote")
     parser.add_argument("--tweets", type=Path, required=True, help="held-out tweet records")
     parser.add_argument("--instructions", type=Path, required=True, help="held-out instruction records")
     parser.add_argument("--out-of-sample", type=Path, required=True, help="out-of-sample instruction prompts")
@@ -53,10 +55,12 @@ def main() -> None:
     def body() -> None:
         params = load_params(args.params).eval
         adapter = require_adapter(args.adapter) if args.adapter else None
-        data = load_eval_data(args.tweets, args.instructions, args.out_of_sample, params)
+        data = load_eval_data(args.labels, args.tweets, args.instructions, args.out_of_sample, params)
         if args.baseline_train:
-            train = load_sentiment(args.baseline_train)
-            write_outputs(evaluate_baseline(train, data.sentiment), args.baseline_metrics, args.baseline_predictions)
+            train = load_sentiment(args.baseline_train, data.labels)
+            write_outputs(
+                evaluate_baseline(train, data.sentiment, data.labels), args.baseline_metrics, args.baseline_predictions
+            )
         with shared_cores():
             started = time.perf_counter()
             model, on = load_adapted(args.base, adapter, params.precision, params.adapter_base == "as_trained")

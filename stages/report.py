@@ -1,6 +1,6 @@
 """report: one Markdown report with figures and model cards from every model's metrics, predictions and logs.
 
-    python stages/report.py --params params.yaml --out report \
+    python stages/report.py --params params.yaml --out report --labels data/prepared/labels.json \
         --model base=metrics/base.json,data/predictions/base \
         --model sentiment=metrics/sentiment.json,data/predictions/sentiment \
         --training sentiment=metrics/train_sentiment.json --curves sentiment=dvclive/sentiment \
@@ -45,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the report folder to write")
+    parser.add_argument("--labels", type=Path, required=True, help="the label set instructify wrote")
     parser.add_argument("--model", type=named(2), action="append", required=True, help="NAME=METRICS,PREDICTIONS")
     parser.add_argument("--training", type=named(1), action="append", default=[], help="NAME=TRAINING_SUMMARY")
     parser.add_argument("--curves", type=named(1), action="append", default=[], help="NAME=DVCLIVE_FOLDER")
@@ -63,6 +64,7 @@ def main() -> None:
             )
             for name, (metrics, predictions) in args.model
         },
+        labels_file=args.labels,
         baseline_metrics=args.baseline[0] if args.baseline else None,
         baseline_predictions=args.baseline[1] if args.baseline else None,
         manifests=tuple(args.manifest),

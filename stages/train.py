@@ -3,7 +3,8 @@
     python stages/train.py --params params.yaml --name sentiment --base models/base \
         --train-file data/prepared/sentiment_train.jsonl --adapter-out models/adapters/sentiment \
         --checkpoints models/checkpoints/sentiment --live-dir dvclive/sentiment \
-        --summary metrics/train_sentiment.json --processes 1 --accelerate-config configs/accelerate/ddp.yaml
+        --summary metrics/train_sentiment.json --valid-file data/prepared/sentiment_valid.jsonl \
+        --labels data/prepared/labels.json --processes 1 --accelerate-config configs/accelerate/ddp.yaml
 
 With --processes above 1 it runs itself under ``accelerate launch`` with that config (DDP, FSDP or ZeRO-3).
 """
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (kept across runs)")
     parser.add_argument("--live-dir", type=Path, required=True, help="DVCLive folder for the training curves")
     parser.add_argument("--summary", type=Path, required=True, help="the training summary JSON to write")
+    parser.add_argument("--valid-file", type=Path, help="validation records scored every train.eval_steps")
+    parser.add_argument("--labels", type=Path, help="the label set of the validation records")
     parser.add_argument("--processes", type=int, required=True, help="training processes (train.processes)")
     parser.add_argument("--accelerate-config", type=Path, required=True, help="used when --processes > 1")
     args = parser.parse_args()
@@ -42,6 +45,8 @@ def main() -> None:
         args.summary,
         args.live_dir,
         args.params,
+        args.valid_file,
+        args.labels,
     )
 
     def body() -> None:

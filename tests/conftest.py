@@ -91,7 +91,7 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def write_tweets_csv(path: Path, n_per_label: int = 30, seed: int = 0, encoding: str = "latin-1") -> Path:
+def write_tweets_csv(path: Path, n_per_label: int = 40, seed: int = 0, encoding: str = "latin-1") -> Path:
     rng = random.Random(seed)
     rows = ["sentiment,confidence,text"]
     for label, words in (("positive", POSITIVE), ("negative", NEGATIVE), ("neutral", ["just a car", "a day"])):
@@ -116,7 +116,9 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
     params["model"].update(name="tiny-llama", source={"kind": "local", "path": str(model_dir)})
     params["data"]["tweets"]["source"] = {"kind": "local", "path": str(tweets)}
     params["data"]["instructions"]["source"] = {"kind": "local", "path": str(instructions)}
-    params["data"]["split"].update(min_confidence=0.6, train_size=24, test_size=12, instruction_test_size=6)
+    params["data"]["split"].update(
+        min_confidence=0.6, train_size=24, valid_size=6, test_size=12, instruction_test_size=6
+    )
     params["mix"].update(size=20, instruction_share=0.25)
     params["train"].update(
         batch_size=4,
@@ -124,6 +126,7 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
         max_length=256,
         save_steps=4,
         logging_steps=1,
+        eval_steps=3,
         learning_rate=5e-3,
         cpu_precision="fp32",  # pinned: two runs compared must not time their way to different precisions
     )
@@ -134,9 +137,12 @@ def tiny_params(model_dir: Path, tweets: Path, instructions: Path) -> dict:
 TWEETS = [(text, "positive") for text in POSITIVE] + [(text, "negative") for text in NEGATIVE]
 
 
-def tweet_records(prompt, tweets: list[tuple[str, str]] = TWEETS) -> list[dict]:
+LABELS = ("positive", "negative")
+
+
+def tweet_records(prompt, tweets: list[tuple[str, str]] = TWEETS, labels=LABELS) -> list[dict]:
     """One tweet record, with its label and text, for each (text, label)."""
-    return [record(sentiment_prompt(text, prompt), label, label=label, text=text) for text, label in tweets]
+    return [record(sentiment_prompt(text, prompt, labels), label, label=label, text=text) for text, label in tweets]
 
 
 def sentiment_rows(prompt, n: int = 32) -> list[dict]:

@@ -717,7 +717,7 @@ CASES = [
         "mix-unknown-label",
         "mix",
         edit_record(SENTIMENT_TRAIN, 1, label="happy"),
-        f"{SENTIMENT_TRAIN}: record 1 field 'label' is 'happy'; known: ['positive', 'negative']",
+        f"{SENTIMENT_TRAIN}: record 1 field 'label' is 'happy'; the labels are ['positive', 'negative']",
     ),
     case(
         "mix-asks-for-more-records-than-exist",

@@ -74,7 +74,18 @@ def test_the_optimizer_list_is_transformers_own():
         ("train.optim", "adamw_turbo", "train.optim: Value error, is not an optimizer transformers knows"),
         ("train.cpu_optim", "sgd2", "train.cpu_optim: Value error, is not an optimizer transformers knows"),
         ("data.tweets.encoding", "latin-9x", "data.tweets.encoding: Value error, is not a text encoding"),
-        ("data.tweets.label_map", {"0": "meh"}, "data.tweets.label_map: Value error, maps to 'meh'"),
+        ("data.labels", ["positive"], "data.labels: Value error, needs at least two labels"),
+        ("data.labels", ["positive", "Positive "], "data.labels: Value error, 'Positive ' is blank, has a line"),
+        ("data.labels", ["positive", "POSITIVE"], "data.labels: Value error, 'POSITIVE' and 'positive' are the same"),
+        ("data.labels", ["spam", "not spam"], "data.labels: Value error, 'spam' is part of 'not spam'"),
+        ("data.labels", ["ok", "None"], "data.labels: Value error, 'None' is the name the confusion matrix"),
+        ("data.labels", ["ok", "?!"], "data.labels: Value error, '?!' has no letter or digit"),
+        ("data.unlisted_labels", "keep", "data.unlisted_labels: Input should be 'drop' or 'refuse'"),
+        (
+            "prompt.sentiment_template",
+            "{labels}",
+            "prompt.sentiment_template: Value error, must use exactly the placeholders {text} (and may use {labels})",
+        ),
         ("prompt.sentiment_template", "no placeholder", "prompt.sentiment_template: Value error, must use exactly"),
         ("prompt.sentiment_template", "{tweet}", "prompt.sentiment_template: Value error, must use exactly the "),
         ("prompt.sentiment_template", "{text} {", "prompt.sentiment_template: Value error, is not a valid template"),
@@ -120,3 +131,15 @@ def test_use_profile_validates_and_copies(tmp_path):
     assert target.read_text() == (ROOT / "profiles" / "study-a-mistral-7b.yaml").read_text()
     with pytest.raises(PipelineError, match="no such profile"):
         use_profile("nope", ROOT / "profiles", target)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [["pos", "positive"], ["very good", "good enough", "bad"], ["billing", "technical issue", "account", "other"]],
+)
+def test_labels_that_parse_apart_are_accepted(labels):
+    """A label that is another's first letters ("pos") is fine: answers are read word by word, and label
+    scoring ends each label with the end-of-turn token."""
+    raw = raw_params()
+    raw["data"]["labels"] = labels
+    assert parse_params(raw).data.labels == labels

@@ -37,19 +37,23 @@ def test_clean_tweets_drops_neutral_unconfident_and_duplicates(params):
             ("negative", "0.9", "conflict"),
         ]
     )
-    clean, counts = clean_tweets(raw, Path("t.csv"), params.data.tweets, params.data.split)
+    clean, counts = clean_tweets(raw, Path("t.csv"), params.data)
     kept = sorted(zip(clean.text, clean.label, strict=True))
     assert kept == [("bad", "negative"), ("dup", "positive"), ("good", "positive")]
-    assert counts == {"read": 9, "binary": 8, "confident": 6, "unique": 3}
+    assert counts == {"read": 9, "unlisted": {"neutral": 1}, "listed": 8, "confident": 6, "unique": 3}
 
 
-def test_unknown_label_and_missing_column_name_file_and_field(params):
-    with pytest.raises(PipelineError, match=r"t\.csv: unknown label 'mixed'.*data\.tweets\.label_field"):
-        clean_tweets(frame([("mixed", "1", "x")]), Path("t.csv"), params.data.tweets, params.data.split)
+def test_an_unlisted_label_is_refused_when_params_say_so_and_a_missing_column_names_its_field(params):
+    refuse = params.data.model_copy(update={"unlisted_labels": "refuse"})
+    rows = frame([("positive", "1", "x"), ("negative", "1", "y"), ("mixed", "1", "z"), ("mixed", "1", "w")])
+    with pytest.raises(
+        PipelineError,
+        match=r"t\.csv: label 'mixed' in column 'sentiment' \(2 rows\) is not in data\.labels.*data\.unlisted_labels",
+    ):
+        clean_tweets(rows, Path("t.csv"), refuse)
+    assert len(clean_tweets(rows, Path("t.csv"), params.data)[0]) == 2
     with pytest.raises(PipelineError, match=r"t\.csv: no column 'text' \(data\.tweets\.text_field\)"):
-        clean_tweets(
-            frame([("positive", "1", "x")]).drop(columns="text"), Path("t.csv"), params.data.tweets, params.data.split
-        )
+        clean_tweets(frame([("positive", "1", "x")]).drop(columns="text"), Path("t.csv"), params.data)
 
 
 def test_split_is_balanced_disjoint_seeded_and_exact(params):
@@ -58,66 +62,83 @@ def test_split_is_balanced_disjoint_seeded_and_exact(params):
         for label in ("positive", "negative")
         for i in range(40 if label == "positive" else 80)
     ]
-    clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data.tweets, params.data.split)
-    train, test = split_tweets(clean, Path("t.csv"), params.data.split)
-    again, _ = split_tweets(clean, Path("t.csv"), params.data.split)
-    assert (len(train), len(test)) == (24, 12)
+    clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data)
+    train, valid, test = split_tweets(clean, Path("t.csv"), params.data.split, params.data.labels)
+    again, _, _ = split_tweets(clean, Path("t.csv"), params.data.split, params.data.labels)
+    assert (len(train), len(valid), len(test)) == (24, 6, 12)
     assert test.label.value_counts().to_dict() == {"positive": 6, "negative": 6}
     assert train.label.value_counts().to_dict() == {"positive": 12, "negative": 12}
+    assert valid.label.value_counts().to_dict() == {"positive": 3, "negative": 3}
     assert not set(train.text) & set(test.text)
+    assert not set(valid.text) & (set(train.text) | set(test.text))
     assert list(train.text) == list(again.text)
 
 
 def test_more_training_tweets_keep_the_same_test_set(params):
     rows = [(label, "1", f"{label} {i}") for label in ("positive", "negative") for i in range(60)]
-    clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data.tweets, params.data.split)
-    _, test = split_tweets(clean, Path("t.csv"), params.data.split)
+    clean, _ = clean_tweets(frame(rows), Path("t.csv"), params.data)
+    train, _, test = split_tweets(clean, Path("t.csv"), params.data.split, params.data.labels)
     bigger = params.data.split.model_copy(update={"train_size": 60})
-    more, same_test = split_tweets(clean, Path("t.csv"), bigger)
+    more, _, same_test = split_tweets(clean, Path("t.csv"), bigger, params.data.labels)
     assert list(same_test.text) == list(test.text) and len(more) == 60
     assert not set(more.text) & set(test.text)
+    # The validation split is drawn last: its size changes neither the test nor the training tweets.
+    no_valid = params.data.split.model_copy(update={"valid_size": 0})
+    same_train, none, same = split_tweets(clean, Path("t.csv"), no_valid, params.data.labels)
+    assert list(same_train.text) == list(train.text) and list(same.text) == list(test.text) and none.empty
 
 
 def test_label_map_turns_numeric_labels_into_words(params):
-    tweets = params.data.tweets.model_copy(update={"label_map": {0: "negative", "1": "positive"}})
-    raw = frame([("0", "1", "awful"), ("1", "1", "lovely"), (" 1", "1", "great")])
-    clean, _ = clean_tweets(raw, Path("t.csv"), tweets, params.data.split)
+    tweets = params.data.tweets.model_copy(update={"label_map": {0: "negative", "1": "Positive", 2: "neutral"}})
+    data = params.data.model_copy(update={"tweets": tweets})
+    raw = frame([("0", "1", "awful"), ("1", "1", "lovely"), (" 1", "1", "great"), ("2", "1", "meh"), ("3", "1", "?")])
+    clean, counts = clean_tweets(raw, Path("t.csv"), data)
     assert sorted(zip(clean.text, clean.label, strict=True)) == [
         ("awful", "negative"),
-        ("great", "positive"),
+        ("great", "positive"),  # spelled as data.labels spells it
         ("lovely", "positive"),
     ]
-    with pytest.raises(
-        PipelineError, match=r"t\.csv: label '2' in column 'sentiment' is not in data\.tweets\.label_map"
-    ):
-        clean_tweets(frame([("2", "1", "x")]), Path("t.csv"), tweets, params.data.split)
+    assert counts["unlisted"] == {"3": 1, "neutral": 1}
+    refuse = data.model_copy(update={"unlisted_labels": "refuse"})
+    with pytest.raises(PipelineError, match=r"t\.csv: label '3' in column 'sentiment' \(1 rows\) is not in data"):
+        clean_tweets(raw, Path("t.csv"), refuse)
 
 
 def test_a_file_of_neutral_tweets_or_no_rows_blames_the_data_not_the_threshold(params):
     only_neutral = frame([("neutral", "1", "meh"), ("neutral", "1", "fine")])
-    with pytest.raises(PipelineError, match=r"t\.csv: no 'positive' tweet with text in column 'sentiment'"):
-        clean_tweets(only_neutral, Path("t.csv"), params.data.tweets, params.data.split)
+    with pytest.raises(PipelineError, match=r"t\.csv: no 'positive' row with text in column 'sentiment'"):
+        clean_tweets(only_neutral, Path("t.csv"), params.data)
     with pytest.raises(PipelineError, match=r"t\.csv: no rows"):
-        clean_tweets(frame([]), Path("t.csv"), params.data.tweets, params.data.split)
+        clean_tweets(frame([]), Path("t.csv"), params.data)
 
 
 def test_split_larger_than_data_and_empty_class(params):
     clean, _ = clean_tweets(
         frame([("positive", "1", f"p{i}") for i in range(5)] + [("negative", "1", f"n{i}") for i in range(5)]),
         Path("t.csv"),
-        params.data.tweets,
-        params.data.split,
+        params.data,
     )
-    with pytest.raises(PipelineError, match=r"t\.csv: data\.split\.train_size \+ test_size = 36 exceeds the 10"):
-        split_tweets(clean, Path("t.csv"), params.data.split)
+    with pytest.raises(
+        PipelineError, match=r"t\.csv: data\.split\.train_size \+ valid_size \+ test_size = 42 exceeds the 10"
+    ):
+        split_tweets(clean, Path("t.csv"), params.data.split, params.data.labels)
     with pytest.raises(PipelineError, match=r"no 'negative' tweets left"):
-        split_tweets(clean[clean.label == "positive"], Path("t.csv"), params.data.split)
+        split_tweets(clean[clean.label == "positive"], Path("t.csv"), params.data.split, params.data.labels)
 
 
 def test_records_are_trl_conversations(params):
-    records = sentiment_records(pd.DataFrame({"text": ["nice"], "label": ["positive"]}), params.prompt)
+    records = sentiment_records(
+        pd.DataFrame({"text": ["nice"], "label": ["positive"]}), params.prompt, ["positive", "negative"]
+    )
     assert records[0]["prompt"][0] == {"role": "system", "content": params.prompt.system}
-    assert records[0]["prompt"][1]["content"].endswith("Tweet: nice")
+    assert (
+        records[0]["prompt"][1]["content"]
+        == "Classify the sentiment of this tweet as positive or negative.\nTweet: nice"
+    )
+    three = sentiment_records(
+        pd.DataFrame({"text": ["ok"], "label": ["neutral"]}), params.prompt, ["a", "b", "neutral"]
+    )
+    assert three[0]["prompt"][1]["content"].startswith("Classify the sentiment of this tweet as a, b or neutral.")
     assert records[0]["completion"] == [{"role": "assistant", "content": "positive"}]
 
 
@@ -160,6 +181,8 @@ def test_instructify_writes_splits_stats_and_out_of_sample(tmp_path, params):
     out = tmp_path / "prepared"
     stats = instructify(params, _raw_dir(tmp_path), out, ROOT / "data" / "out_of_sample.yaml")
     assert stats["sentiment_train"] == {"negative": 12, "positive": 12}
+    assert stats["sentiment_valid"] == {"negative": 3, "positive": 3}
+    assert json.loads((out / "labels.json").read_text()) == {"labels": ["positive", "negative"]}
     assert stats["instructions_test"] == 6 and stats["instructions_train"] == 24
     test = read_jsonl(out / "sentiment_test.jsonl")
     train = read_jsonl(out / "sentiment_train.jsonl")
@@ -219,7 +242,9 @@ def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypa
     manifest = fetch_data(data, tmp_path / "raw")
     assert manifest["tweets"]["rows"] == 40 and manifest["tweets"]["revision"] == "refs/convert/parquet"
 
-    split = data.split.model_copy(update={"train_size": 20, "test_size": 10, "instruction_test_size": 2})
+    split = data.split.model_copy(
+        update={"train_size": 20, "valid_size": 4, "test_size": 10, "instruction_test_size": 2}
+    )
     params = study.model_copy(update={"data": data.model_copy(update={"split": split})})
     stats = instructify(params, tmp_path / "raw", tmp_path / "prepared", ROOT / "data" / "out_of_sample.yaml")
     assert stats["sentiment_train"] == {"negative": 10, "positive": 10}

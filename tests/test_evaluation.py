@@ -9,20 +9,19 @@ import pytest
 import torch
 import yaml
 
-from conftest import INSTRUCTIONS, ROOT, TWEETS, instruction_rows, tiny_params, tweet_records, write_tweets_csv
-from lorapipe.config import SENTIMENT_LABELS, EvalParams, PromptParams
+from conftest import (
+    INSTRUCTIONS,
+    LABELS,
+    ROOT,
+    TWEETS,
+    instruction_rows,
+    tiny_params,
+    tweet_records,
+    write_tweets_csv,
+)
+from lorapipe.config import EvalParams, PromptParams
 from lorapipe.data.prompts import instruction_prompt
 from lorapipe.errors import PipelineError
-from lorapipe.evaluation.decoding import (
-    common_prefix_length,
-    encode,
-    fit_prompts,
-    generate_answers,
-    label_token_ids,
-    predict_sentiment,
-    render,
-    stop_ids,
-)
 from lorapipe.evaluation.evaluate import (
     Outputs,
     evaluate_baseline,
@@ -33,9 +32,20 @@ from lorapipe.evaluation.evaluate import (
     load_sentiment,
     write_outputs,
 )
-from lorapipe.evaluation.metrics import parse_label
 from lorapipe.io import read_json, read_jsonl, write_json, write_jsonl
+from lorapipe.labels import LabelSet, write_labels
 from lorapipe.models.adapters import ScoringBase, scoring_base
+from lorapipe.models.decoding import (
+    answer_ids,
+    common_prefix_length,
+    encode,
+    fit_prompts,
+    generate_answers,
+    predict_sentiment,
+    render,
+    score_labels,
+    stop_ids,
+)
 from lorapipe.models.loading import load_for_inference, load_tokenizer
 
 PROMPT = PromptParams(
@@ -70,8 +80,9 @@ def conversations(tweets=TWEETS):
     return [r["prompt"] for r in tweet_records(PROMPT, tweets)]
 
 
-def eval_files(prepared: Path) -> tuple[Path, Path, Path]:
+def eval_files(prepared: Path) -> tuple[Path, Path, Path, Path]:
     return (
+        prepared / "labels.json",
         prepared / "sentiment_test.jsonl",
         prepared / "instructions_test.jsonl",
         prepared / "out_of_sample.jsonl",
@@ -80,6 +91,7 @@ def eval_files(prepared: Path) -> tuple[Path, Path, Path]:
 
 def write_prepared(folder: Path, tweets: list[tuple[str, str]] = TWEETS) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    write_labels(folder / "labels.json", LABELS)
     write_jsonl(folder / "sentiment_test.jsonl", tweet_records(PROMPT, tweets))
     write_jsonl(
         folder / "sentiment_train.jsonl",
@@ -139,9 +151,12 @@ def taught_model(tiny_model, tmp_path_factory) -> Path:
 
 
 def unpadded_logprob(model, tokenizer, conversation, label: str) -> float:
-    """log p(label | prompt) from one unpadded forward pass with no cache: the reference to match."""
+    """log p(label, end of turn | prompt) from one unpadded forward pass with no cache: the reference to match."""
     text = render(tokenizer, [conversation])[0]
-    prompt, answer = encode(tokenizer, [text])[0], label_token_ids(tokenizer, text, label)
+    prompt, answer = (
+        encode(tokenizer, [text])[0],
+        answer_ids(tokenizer, conversation, label, stop_ids(model, tokenizer)),
+    )
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([prompt + answer])).logits[0]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -155,30 +170,43 @@ def test_common_prefix_length_leaves_a_token_in_each():
     assert common_prefix_length([[1, 2], [3, 4]]) == 0
 
 
-@pytest.mark.parametrize("labels", [SENTIMENT_LABELS, ("wonderful day", "horrible day")], ids=["single", "multi"])
+@pytest.mark.parametrize(
+    ("labels", "lengths"),
+    [
+        (LABELS, (1, 1)),
+        (("wonderful day", "horrible day"), (2, 2)),
+        (("best thing ever", "worst thing ever"), (3, 3)),
+        (("positive", "so sad", "worst thing ever"), (1, 2, 3)),
+    ],
+    ids=["one-token", "two-token", "three-token", "mixed"],
+)
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["prefix-cache", "plain"])
-def test_label_logprobs_match_an_unpadded_uncached_forward(tiny_model, labels, share_prefix):
+def test_label_logprobs_match_an_unpadded_uncached_forward(tiny_model, labels, lengths, share_prefix):
+    """Every label's tokens and the end-of-turn token after them, scored from the batch's cache in one pass."""
     model, tokenizer = load_for_inference(tiny_model), load_tokenizer(tiny_model)
-    text = render(tokenizer, conversations()[:1])[0]
-    multi_token = labels != SENTIMENT_LABELS  # one forward pass for single-token labels, one per label otherwise
-    assert all((len(label_token_ids(tokenizer, text, label)) > 1) == multi_token for label in labels)
+    stops = stop_ids(model, tokenizer)
+    answers = [answer_ids(tokenizer, conversations()[0], label, stops) for label in labels]
+    assert tuple(len(a) - 1 for a in answers) == lengths and all(a[-1] == tokenizer.eos_token_id for a in answers)
 
     tweets = [*TWEETS[:3], ("worst thing ever happened to my amazing car today", "negative"), TWEETS[-1]]
-    predictions = predict_sentiment(
-        model,
-        tokenizer,
-        conversations(tweets),
-        batch_size=2,
-        max_new_tokens=2,
-        labels=labels,
-        share_prefix=share_prefix,
-    )
-    for prediction, conversation in zip(predictions, conversations(tweets), strict=True):
+    kwargs = {"batch_size": 2, "share_prefix": share_prefix}
+    predictions = predict_sentiment(model, tokenizer, conversations(tweets), labels, max_new_tokens=2, **kwargs)
+    scored = score_labels(model, tokenizer, conversations(tweets), labels, **kwargs)
+    for prediction, scores, conversation in zip(predictions, scored, conversations(tweets), strict=True):
         for label in labels:
-            assert prediction.logprobs[label] == pytest.approx(
-                unpadded_logprob(model, tokenizer, conversation, label), abs=1e-4
-            )
+            expected = unpadded_logprob(model, tokenizer, conversation, label)
+            assert prediction.logprobs[label] == pytest.approx(expected, abs=1e-4)
+            assert scores[label] == pytest.approx(expected, abs=1e-4)
         assert prediction.score_label == max(labels, key=prediction.logprobs.get)
+
+
+def test_a_label_that_starts_another_does_not_win_by_being_short(taught_model):
+    """ "pos" is the first letters of "positive": without the end-of-turn token its likelihood would include
+    every answer that starts with it, "positive" among them."""
+    model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
+    positives = [t for t in TWEETS if t[1] == "positive"]
+    for prediction in predict_sentiment(model, tokenizer, conversations(positives), ("pos", "positive"), 4, 2):
+        assert prediction.score_label == "positive"
 
 
 @pytest.mark.parametrize("extra_stop", [None, "positive"])
@@ -216,10 +244,10 @@ def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full
     model, tokenizer = load_for_inference(chatty), load_tokenizer(chatty, padding_side="left")
     prompts = conversations()
     full = generate_answers(model, tokenizer, prompts, batch_size=5, max_new_tokens=12).texts
-    predicted = predict_sentiment(model, tokenizer, prompts, batch_size=5, max_new_tokens=12)
+    predicted = predict_sentiment(model, tokenizer, prompts, LABELS, batch_size=5, max_new_tokens=12)
     stopped_early = 0
     for answer, prediction in zip(full, predicted, strict=True):
-        assert prediction.generated_label == parse_label(answer) is not None
+        assert prediction.generated_label == LabelSet(LABELS).parse(answer) is not None
         assert answer.startswith(prediction.answer)
         stopped_early += len(prediction.answer) < len(answer)
     assert stopped_early == len(prompts)  # "positive." and no more: the rest cannot change the label
@@ -227,16 +255,18 @@ def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full
 
 def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model):
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
-    shared = predict_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4)
-    plain = predict_sentiment(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4, share_prefix=False)
+    shared = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    plain = predict_sentiment(
+        model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4, share_prefix=False
+    )
     assert len(shared) == len(TWEETS)
     for a, b in zip(shared, plain, strict=True):
         assert (a.answer, a.generated_label, a.score_label) == (b.answer, b.generated_label, b.score_label)
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
         # The taught model answers with a label word: its first greedy token is the likelier label's token.
-        assert a.answer in SENTIMENT_LABELS
+        assert a.answer in LABELS and a.labels_named == 1
         assert a.generated_label == a.score_label == a.answer
-    assert {p.score_label for p in shared} == set(SENTIMENT_LABELS)
+    assert {p.score_label for p in shared} == set(LABELS)
 
 
 def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, monkeypatch):
@@ -253,8 +283,10 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
     assert metrics["truncated_prompts"] == {"sentiment": 0, "instructions": 0}
     assert metrics["peak_rss_mib"] > 100  # this process's peak resident memory, in MiB
     assert set(metrics["seconds"]) == {"sentiment", "generation", "text_scores"}
-    assert set(metrics["sentiment"]["generate"]) == {"accuracy", "f1", "precision", "recall", "no_label_rate"}
-    assert set(metrics["sentiment"]["score"]) == {"accuracy", "f1", "precision", "recall"}
+    headline = {"accuracy", "f1", "precision", "recall", "macro_f1", "per_label"}
+    assert set(metrics["sentiment"]["generate"]) == headline | {"no_label_rate", "several_labels_rate"}
+    assert set(metrics["sentiment"]["score"]) == headline
+    assert set(metrics["sentiment"]["score"]["per_label"]) == set(LABELS)
     assert set(metrics["instructions"]) == {"token_f1", "rouge_l", "bertscore_f1"}
     assert metrics["examples"] == {"sentiment": 12, "instructions": 3, "out_of_sample": 1}
     assert metrics["sentiment"]["generate"]["no_label_rate"] == 0.0
@@ -301,10 +333,15 @@ def test_sizes_limit_the_test_sets(tmp_path):
 def test_tfidf_baseline_learns_the_words(tmp_path):
     prepared = write_prepared(tmp_path)
     outputs = evaluate_baseline(
-        load_sentiment(prepared / "sentiment_train.jsonl"), load_sentiment(prepared / "sentiment_test.jsonl")
+        load_sentiment(prepared / "sentiment_train.jsonl", LABELS),
+        load_sentiment(prepared / "sentiment_test.jsonl", LABELS),
+        LABELS,
     )
+    perfect = {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     assert outputs.metrics == {
-        "sentiment": {"tfidf": {"accuracy": 1.0, "f1": 1.0, "precision": 1.0, "recall": 1.0}},
+        "sentiment": {
+            "tfidf": {**perfect, "accuracy": 1.0, "macro_f1": 1.0, "per_label": dict.fromkeys(LABELS, perfect)}
+        },
         "examples": {"train": 24, "sentiment": 12},
     }
     assert set(outputs.files) == {"sentiment.jsonl", "confusion.csv"}
@@ -317,17 +354,17 @@ ANSWER = [{"role": "assistant", "content": "positive"}]
     ("loader", "row", "message"),
     [
         (
-            load_sentiment,
+            lambda path: load_sentiment(path, LABELS),
             {"prompt": [{"role": "user", "content": "x"}], "completion": ANSWER, "label": "neutral", "text": "x"},
-            r"s\.jsonl: record 1 field 'label' is 'neutral'",
+            r"s\.jsonl: record 1 field 'label' is 'neutral'; the labels are \['positive', 'negative'\]",
         ),
         (
-            load_sentiment,
+            lambda path: load_sentiment(path, LABELS),
             {"prompt": "x", "completion": ANSWER, "label": "positive", "text": "x"},
             r"s\.jsonl: record 1 field 'prompt'",
         ),
         (
-            load_sentiment,
+            lambda path: load_sentiment(path, LABELS),
             {"prompt": [{"role": "user", "content": "x"}], "completion": ANSWER, "label": "positive"},
             r"s\.jsonl: record 1 field 'text' is missing",
         ),
@@ -352,7 +389,7 @@ def test_bad_input_names_the_file_and_field(tmp_path, loader, row, message):
 def test_empty_test_file_is_refused(tmp_path):
     (tmp_path / "s.jsonl").write_text("")
     with pytest.raises(PipelineError, match=r"s\.jsonl: no records"):
-        load_sentiment(tmp_path / "s.jsonl")
+        load_sentiment(tmp_path / "s.jsonl", LABELS)
 
 
 def test_a_failed_write_leaves_the_previous_outputs(tmp_path):
@@ -376,6 +413,7 @@ def run_evaluate(cwd: Path, *arguments: str) -> subprocess.CompletedProcess:
             "params.yaml",
             "--base",
             "models/base",
+            *("--labels", str(prepared / "labels.json")),
             *("--tweets", str(prepared / "sentiment_test.jsonl")),
             *("--instructions", str(prepared / "instructions_test.jsonl")),
             *("--out-of-sample", str(prepared / "out_of_sample.jsonl")),

@@ -4,62 +4,13 @@ import pytest
 
 from lorapipe.errors import PipelineError
 from lorapipe.evaluation.metrics import (
-    classification_metrics,
-    confusion_matrix,
-    label_is_settled,
     mean_scores,
     normalize_answer,
-    parse_label,
     resolve_encoder,
     rouge_l,
     text_scores,
     token_f1,
 )
-
-
-@pytest.mark.parametrize(
-    ("answer", "label"),
-    [
-        ("positive", "positive"),
-        ("Positive.", "positive"),
-        ("**negative**", "negative"),
-        ("_negative_", "negative"),
-        ("NEGATIVE<|im_end|>", "negative"),
-        ("The sentiment is positive", "positive"),
-        ("Sentiment: negative, not positive", "negative"),
-        ("not sure", None),
-        ("", None),
-        ("The tweet is positively glowing", None),
-        ("nonnegative", None),
-        ("The sentiment of this", None),
-    ],
-)
-def test_parse_label(answer, label):
-    assert parse_label(answer) == label
-
-
-def test_classification_metrics_by_hand():
-    actual = ["positive", "positive", "positive", "negative", "negative"]
-    predicted = ["positive", "negative", None, "positive", "negative"]
-    # TP = 1; predicted positive = 2; actual positive = 3; correct = rows 0 and 4; one answer names no label.
-    assert classification_metrics(actual, predicted) == {
-        "accuracy": 0.4,
-        "f1": 0.4,
-        "precision": 0.5,
-        "recall": 0.3333,
-        "no_label_rate": 0.2,
-    }
-    assert confusion_matrix(actual, predicted) == [[1, 1, 1], [1, 1, 0]]
-
-
-def test_no_label_never_counts_as_correct_even_if_named_none():
-    scores = classification_metrics(["negative", "positive"], ["none", None])
-    assert scores["accuracy"] == 0.0 and scores["no_label_rate"] == 1.0 and scores["precision"] == 0.0
-
-
-def test_classification_metrics_needs_matching_lengths():
-    with pytest.raises(ValueError, match="as many predictions"):
-        classification_metrics(["positive"], [])
 
 
 def test_token_f1_squad_style():
@@ -104,21 +55,3 @@ def test_text_scores_with_the_local_bertscore_encoder(monkeypatch):
     assert identical == pytest.approx(1.0, abs=1e-4)
     assert identical > close > unrelated
     assert scores["token_f1"][0] == 1.0 and scores["rouge_l"][0] == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize(
-    ("answer", "settled"),
-    [
-        ("Positive.", True),
-        ("The sentiment is negative", False),  # "negative" could still grow into "negatively"
-        ("The sentiment is negative\n", True),
-        ("positively", False),
-        ("It is positive, not negative", True),
-        ("no label yet", False),
-        ("", False),
-    ],
-)
-def test_a_label_is_settled_once_no_continuation_can_change_the_parse(answer, settled):
-    assert label_is_settled(answer) is settled
-    if settled:
-        assert parse_label(answer + "ly and more") == parse_label(answer)

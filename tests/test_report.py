@@ -9,6 +9,7 @@ import yaml
 from conftest import ROOT
 from lorapipe.config import ReportParams
 from lorapipe.io import write_json, write_jsonl
+from lorapipe.labels import write_labels
 from lorapipe.report.inputs import (
     ModelFiles,
     ReportInputs,
@@ -43,6 +44,7 @@ def model_metrics(accuracy: float, token_f1: float) -> dict:
 
 def write_repo(root: Path) -> Path:
     """The files the report stage reads, as the earlier stages would leave them, with made-up numbers."""
+    write_labels(root / "data" / "prepared" / "labels.json", ("positive", "negative"))
     for name, (accuracy, token_f1) in SCORES.items():
         write_json(root / "metrics" / f"{name}.json", model_metrics(accuracy, token_f1))
         predictions = root / "data" / "predictions" / name
@@ -72,6 +74,7 @@ def write_repo(root: Path) -> Path:
                 "precision": "bf16",
                 "peak_rss_mib": 2210.4,
                 "final_loss": 0.2123,
+                "validation": {"examples": 20, "every_steps": 5, "accuracy": 0.85, "macro_f1": 0.84, "seconds": 4.2},
             },
         )
         write_json(
@@ -91,6 +94,8 @@ def write_repo(root: Path) -> Path:
         curves.mkdir(parents=True)
         (curves / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t5\t0.9\n2\t10\t0.4\n")
         (curves / "learning_rate.tsv").write_text("timestamp\tstep\tlearning_rate\n1\t5\t0.0002\n2\t10\t0.0001\n")
+        (curves / "eval").mkdir()
+        (curves / "eval" / "accuracy.tsv").write_text("timestamp\tstep\taccuracy\n1\t5\t0.6\n2\t13\t0.85\n")
     write_json(
         root / "data" / "raw" / "manifest.json",
         {
@@ -137,6 +142,7 @@ def sources(root: Path, models=tuple(SCORES)) -> ReportSources:
             )
             for name in models
         },
+        labels_file=root / "data" / "prepared" / "labels.json",
         baseline_metrics=root / "metrics" / "baseline.json",
         baseline_predictions=root / "data" / "predictions" / "baseline",
         manifests=(root / "data" / "raw" / "manifest.json", root / "models" / "base" / "manifest.json"),
@@ -163,11 +169,13 @@ def test_report_from_fixture_files(tmp_path):
     assert "| mixed | 0.812 | 0.500 | 0.250 | 0.125 |" in text
     assert "| TF-IDF + logistic regression (baseline) | 0.823 | 0.810 | 0.800 | 0.820 |" in text
     assert "| *sentiment: Mistral-7B, published* | *0.920* | *0.913* | *0.913* | *0.913* |" in text
-    assert "| Model | Accuracy | F1 | Precision | Recall | No label |" in text
-    assert "| sentiment | 0.764 | 0.500 | 0.250 | 0.125 | 0.042 |" in text
+    assert "| Model | Accuracy | F1 | Precision | Recall | Macro F1 | No label | Several labels |" in text
+    assert "| sentiment | 0.764 | 0.500 | 0.250 | 0.125 | - | 0.042 | - |" in text
     assert "| Model | Token F1 | ROUGE-L | BERTScore F1 |" in text
     assert "| mixed | 0.790 | 0.200 | 0.600 |" in text
-    assert "| sentiment | 100 | 13 | - | 201.5 | 61.0 | bf16 | 2210.4 | 0.2123 |" in text
+    assert "| sentiment | 100 | 13 | - | 201.5 | 61.0 | bf16 | 2210.4 | 0.2123 | 0.850 | 0.840 | 4.2 |" in text
+    assert inputs.curves["mixed"]["eval/accuracy"] == [(5.0, 0.6), (13.0, 0.85)]
+    assert "Labels: positive, negative. F1, precision and recall are of the label 'positive'" in text
     assert "| base | 100.0 | 80.0 | 3.0 | 10.0 | 75.2 | 1874 |" in text
     assert "| base | sentiment | mixed |" in text
     assert "| base says \\| hi<br>there | sentiment says \\| hi<br>there | mixed says \\| hi<br>there |" in text
@@ -240,6 +248,7 @@ def test_render_skips_missing_sections_and_names_the_weights_scored():
     inputs = ReportInputs(
         params=PARAMS.model_copy(update={"reference": {}}),
         metrics=metrics,
+        labels=("positive", "negative"),
         manifests={"models/base/manifest.json": {"name": "SmolLM2-135M-Instruct", "source": gguf}},
     )
     text = render_markdown(inputs)
@@ -284,3 +293,24 @@ def test_report_stage_writes_the_report_from_the_command_in_dvc_yaml(tmp_path):
     assert text.startswith("# Tiny study")
     assert "| mixed | 0.812 | 0.500 | 0.250 | 0.125 |" in text
     assert (root / "report" / "confusion.png").is_file() and (root / "report" / "cards" / "mixed.md").is_file()
+
+
+def test_three_labels_get_macro_figures_per_label_rows_and_a_three_by_four_confusion(tmp_path):
+    root = write_repo(tmp_path / "repo")
+    labels = ("positive", "negative", "neutral")
+    write_labels(root / "data" / "prepared" / "labels.json", labels)
+    per_label = {label: {"precision": 0.5, "recall": 0.25, "f1": 0.3333} for label in labels}
+    for name in SCORES:
+        metrics = model_metrics(0.7, 0.3)
+        metrics["sentiment"]["score"] = {**metrics["sentiment"]["score"], "macro_f1": 0.3333, "per_label": per_label}
+        write_json(root / "metrics" / f"{name}.json", metrics)
+        (root / "data" / "predictions" / name / "confusion.csv").write_text(
+            "actual,predicted\nneutral,neutral\nneutral,positive\npositive,none\nnegative,neutral\n"
+        )
+    inputs = load_report_inputs(sources(root), PARAMS)
+    assert inputs.confusion["base"] == [[0, 0, 0, 1], [0, 0, 1, 0], [1, 0, 1, 0]]
+    text = write_report(inputs, tmp_path / "report").read_text()
+    assert "Labels: positive, negative, neutral. F1, precision and recall are macro averages" in text
+    assert "| Model | positive precision | positive recall | positive F1 | negative precision |" in text
+    assert "| mixed | 0.500 | 0.250 | 0.333 | 0.500 | 0.250 | 0.333 | 0.500 | 0.250 | 0.333 |" in text
+    assert drawn_pixels(tmp_path / "report" / "confusion.png") > 0.02

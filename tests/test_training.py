@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, sentiment_rows, tiny_params
+from conftest import LABELS, ROOT, TWEETS, sentiment_rows, tiny_params, tweet_records
 from lorapipe.config import parse_params
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json, write_jsonl
+from lorapipe.labels import write_labels
+from lorapipe.models.decoding import score_labels
 from lorapipe.models.loading import choose_hardware, load_for_inference, load_tokenizer
-from lorapipe.records import record
+from lorapipe.records import read_records, record
 from lorapipe.training.recipe import TrainJob, fit_to_max_length, lora_config, sft_config, train_adapter
 
 
@@ -25,10 +27,19 @@ def params(tmp_path):
     return parse_params(tiny_params(tmp_path, tmp_path, tmp_path))
 
 
-def make_job(tmp_path: Path, base: Path, params, name: str = "sentiment", live: bool = True) -> TrainJob:
+def make_job(
+    tmp_path: Path, base: Path, params, name: str = "sentiment", live: bool = True, validation: bool = False
+) -> TrainJob:
     train_file = tmp_path / "train.jsonl"
     if not train_file.exists():
         write_jsonl(train_file, sentiment_rows(params.prompt))
+    valid = {}
+    if validation:  # the tiny corpus's phrases with other words after them: texts training never saw
+        write_jsonl(
+            tmp_path / "valid.jsonl", tweet_records(params.prompt, [(f"{t} again", label) for t, label in TWEETS])
+        )
+        write_labels(tmp_path / "labels.json", LABELS)
+        valid = {"valid_file": tmp_path / "valid.jsonl", "labels_file": tmp_path / "labels.json"}
     return TrainJob(
         name=name,
         base_model=base,
@@ -37,6 +48,7 @@ def make_job(tmp_path: Path, base: Path, params, name: str = "sentiment", live: 
         checkpoints=tmp_path / "checkpoints" / name,
         summary_out=tmp_path / "metrics" / f"train_{name}.json",
         live_dir=tmp_path / "dvclive" / name if live else None,
+        **valid,
     )
 
 
@@ -97,10 +109,30 @@ def test_training_lowers_the_loss_and_writes_adapter_card_and_curves(tmp_path, t
     lora = params.lora.model_copy(update={"target_modules": "all-linear"})
     # One record longer than train.max_length: dropped (train.overlong: drop) and counted, not cut.
     write_jsonl(tmp_path / "train.jsonl", [*sentiment_rows(params.prompt), overlong_record(params)])
-    job = make_job(tmp_path, tiny_model, params)
+    job = make_job(tmp_path, tiny_model, params, validation=True)
     with caplog.at_level(logging.INFO):
         summary = train_adapter(job, lora, train)
     assert summary["overlong_records"] == 1 and summary["overlong"] == "drop"
+    # The validation tweets were scored every train.eval_steps (3) optimizer steps and at the last (24), and the
+    # curves share the optimizer step as their x axis.
+    rows = (job.live_dir / "plots/metrics/eval/accuracy.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["step", "accuracy"]
+    validation = [(int(step), float(value)) for step, value in (row.split("\t") for row in rows[1:])]
+    assert [step for step, _ in validation] == list(range(3, 25, 3))
+    assert validation[-1][1] == summary["validation"]["accuracy"]
+    # The last figure is the saved adapter's, scored the evaluation's way.
+    valid = read_records(job.valid_file)
+    scores = score_labels(
+        load_for_inference(tiny_model, job.adapter_out),
+        load_tokenizer(tiny_model),
+        [r["prompt"] for r in valid],
+        LABELS,
+        8,
+    )
+    accuracy = sum(max(s, key=s.get) == r["label"] for s, r in zip(scores, valid, strict=True)) / len(valid)
+    assert summary["validation"]["accuracy"] == round(accuracy, 4)
+    assert (job.live_dir / "plots/metrics/eval/macro_f1.tsv").is_file()
+    assert summary["validation"]["examples"] == 12 and 0 < summary["validation"]["seconds"] < summary["wall_seconds"]
     assert any(r.levelname == "WARNING" and "fallback: no CUDA" in r.message for r in caplog.records)
     assert any("shared prefix on" in r.message for r in caplog.records)
     curve = (job.live_dir / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
@@ -127,6 +159,17 @@ def test_training_lowers_the_loss_and_writes_adapter_card_and_curves(tmp_path, t
         base_logits = load_for_inference(tiny_model)(**inputs).logits
         tuned_logits = load_for_inference(tiny_model, job.adapter_out)(**inputs).logits
     assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+
+
+def test_validation_while_training_changes_nothing_of_the_adapter(tmp_path, tiny_model, params):
+    train = params.train.model_copy(update={"max_steps": 4, "eval_steps": 2})
+    plain = make_job(tmp_path / "a", tiny_model, params, live=False)
+    validated = make_job(tmp_path / "b", tiny_model, params, live=False, validation=True)
+    assert train_adapter(plain, params.lora, train)["validation"] is None
+    assert train_adapter(validated, params.lora, train)["validation"]["examples"] == 12
+    a = load_file(plain.adapter_out / "adapter_model.safetensors")
+    b = load_file(validated.adapter_out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_same_params_give_the_same_adapter(tmp_path, tiny_model, params):
@@ -275,7 +318,7 @@ def bos_model(tiny_model, tmp_path):
 
 
 def test_models_pretrained_with_bos_see_it_in_training_and_decoding(bos_model, params):
-    from lorapipe.evaluation.decoding import encode, render
+    from lorapipe.models.decoding import encode, render
 
     tokenizer = load_tokenizer(bos_model)
     bos = tokenizer.bos_token_id
@@ -301,7 +344,8 @@ def test_a_template_is_left_alone_where_the_model_was_pretrained_without_bos(tin
 
 
 def overlong_record(params) -> dict:
-    return record(sentiment_prompt("love this " * 150, params.prompt), "positive", label="positive", text="long")
+    prompt = sentiment_prompt("love this " * 150, params.prompt, params.data.labels)
+    return record(prompt, "positive", label="positive", text="long")
 
 
 def test_records_longer_than_max_length_are_dropped_refused_or_truncated_as_params_say(tiny_model, params):
@@ -324,7 +368,13 @@ def test_records_longer_than_max_length_are_dropped_refused_or_truncated_as_para
 def test_a_100000_character_row_is_dropped_or_cut_and_training_runs(tmp_path, tiny_model, params):
     rows = sentiment_rows(params.prompt, 16)
     rows.insert(
-        5, record(sentiment_prompt("love this " * 10_000, params.prompt), "positive", label="positive", text="x")
+        5,
+        record(
+            sentiment_prompt("love this " * 10_000, params.prompt, params.data.labels),
+            "positive",
+            label="positive",
+            text="x",
+        ),
     )
     write_jsonl(tmp_path / "train.jsonl", rows)
     for overlong in ("drop", "truncate"):

@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from lorapipe.config import PromptParams, load_params
+from lorapipe.config import Params, load_params
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
-from lorapipe.evaluation.decoding import generate_answers
 from lorapipe.models.adapters import load_adapted
+from lorapipe.models.decoding import generate_answers
 from lorapipe.models.loading import load_tokenizer, tokenizer_dir
 from lorapipe.records import Conversation, read_records
 
 
-def conversations(texts: list[str], prompt: PromptParams, tweets: bool) -> list[Conversation]:
+def conversations(texts: list[str], params: Params, tweets: bool) -> list[Conversation]:
     """Each text as the user turn the model was trained on: a tweet to classify, or an instruction."""
     if tweets:
-        return [sentiment_prompt(text, prompt) for text in texts]
-    return [instruction_prompt(text, "", prompt) for text in texts]
+        return [sentiment_prompt(text, params.prompt, params.data.labels) for text in texts]
+    return [instruction_prompt(text, "", params.prompt) for text in texts]
 
 
 def answer(
@@ -43,7 +43,7 @@ def answer(
     return generate_answers(model, tokenizer, prompts, batch_size=8, max_new_tokens=max_new_tokens).texts
 
 
-def read_prompts(args: argparse.Namespace, prompt: PromptParams) -> tuple[list[str], list[Conversation]]:
+def read_prompts(args: argparse.Namespace, params: Params) -> tuple[list[str], list[Conversation]]:
     """What to show for each prompt, and the conversations to answer."""
     texts = list(args.prompts)
     if args.file is not None:
@@ -51,7 +51,7 @@ def read_prompts(args: argparse.Namespace, prompt: PromptParams) -> tuple[list[s
             texts += [line.strip() for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise PipelineError(f"{args.file}: cannot read prompts: {err}") from None
-    shown, prompts = texts, conversations(texts, prompt, args.tweet)
+    shown, prompts = texts, conversations(texts, params, args.tweet)
     if args.records is not None:
         records = read_records(args.records, completion=False)
         shown = shown + [r["prompt"][-1]["content"] for r in records]
@@ -76,7 +76,7 @@ def main() -> None:
     try:
         if args.max_new_tokens < 1:
             raise PipelineError(f"--max-new-tokens {args.max_new_tokens}: an answer needs at least 1 new token")
-        shown, prompts = read_prompts(args, load_params(args.params).prompt)
+        shown, prompts = read_prompts(args, load_params(args.params))
         answers = answer(args.base, args.adapter, prompts, args.max_new_tokens, args.allow_other_base)
     except PipelineError as err:
         sys.exit(f"error: {err}")

@@ -20,6 +20,7 @@ from lorapipe.data.splits import (
 )
 from lorapipe.errors import PipelineError, yaml_problem
 from lorapipe.io import atomic_dir, read_json, write_json, write_jsonl
+from lorapipe.labels import LABELS_FILE, write_labels
 from lorapipe.sources.tables import read_table
 
 log = logging.getLogger(__name__)
@@ -59,31 +60,28 @@ def out_of_sample_records(path: Path, prompt: PromptParams) -> list[dict]:
 
 
 def instructify(params: Params, raw_dir: Path, out: Path, out_of_sample: Path) -> dict:
+    data = params.data
     tweets_path = raw_file(raw_dir, "tweets")
     tweets, counts = clean_tweets(
-        read_table(tweets_path, params.data.tweets.encoding, "data.tweets.encoding"),
-        tweets_path,
-        params.data.tweets,
-        params.data.split,
+        read_table(tweets_path, data.tweets.encoding, "data.tweets.encoding"), tweets_path, data
     )
-    train, test = split_tweets(tweets, tweets_path, params.data.split)
+    train, valid, test = split_tweets(tweets, tweets_path, data.split, data.labels)
     instructions_path = raw_file(raw_dir, "instructions")
-    instructions = clean_instructions(
-        read_table(instructions_path), instructions_path, params.data.instructions, params.data.split
-    )
-    instr_train, instr_test = split_instructions(instructions, instructions_path, params.data.split)
+    instructions = clean_instructions(read_table(instructions_path), instructions_path, data.instructions, data.split)
+    instr_train, instr_test = split_instructions(instructions, instructions_path, data.split)
 
     splits = {
-        "sentiment_train": sentiment_records(train, params.prompt),
-        "sentiment_test": sentiment_records(test, params.prompt),
+        "sentiment_train": sentiment_records(train, params.prompt, data.labels),
+        "sentiment_valid": sentiment_records(valid, params.prompt, data.labels),
+        "sentiment_test": sentiment_records(test, params.prompt, data.labels),
         "instructions_train": instruction_records(instr_train, params.prompt),
         "instructions_test": instruction_records(instr_test, params.prompt),
         "out_of_sample": out_of_sample_records(out_of_sample, params.prompt),
     }
     stats = {
         "tweets_filtering": counts,
-        "sentiment_train": label_counts(splits["sentiment_train"]),
-        "sentiment_test": label_counts(splits["sentiment_test"]),
+        "labels": data.labels,
+        **{name: label_counts(splits[name]) for name in ("sentiment_train", "sentiment_valid", "sentiment_test")},
         "instructions_train": len(splits["instructions_train"]),
         "instructions_test": len(splits["instructions_test"]),
     }
@@ -91,5 +89,6 @@ def instructify(params: Params, raw_dir: Path, out: Path, out_of_sample: Path) -
         for name, rows in splits.items():
             write_jsonl(staging / f"{name}.jsonl", rows)
             log.info("%s: %d records", name, len(rows))
+        write_labels(staging / LABELS_FILE, data.labels)
         write_json(staging / "stats.json", stats)
     return stats

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from lorapipe.config import PromptParams
+from lorapipe.labels import describe
 from lorapipe.records import Conversation
 
 
-def sentiment_prompt(text: str, prompt: PromptParams) -> Conversation:
-    return _conversation(prompt.system, prompt.sentiment_template.format(text=text))
+def sentiment_prompt(text: str, prompt: PromptParams, labels: Sequence[str]) -> Conversation:
+    """The conversation for one text to label; the template's ``{labels}`` names them ("a, b or c")."""
+    return _conversation(prompt.system, prompt.sentiment_template.format(text=text, labels=describe(labels)))
 
 
 def instruction_prompt(instruction: str, input_text: str, prompt: PromptParams) -> Conversation:

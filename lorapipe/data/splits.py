@@ -11,18 +11,11 @@ from typing import Any
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from lorapipe.config import (
-    DROPPED_LABELS,
-    SENTIMENT_LABELS,
-    InstructionsParams,
-    MixParams,
-    PromptParams,
-    SplitParams,
-    TweetsParams,
-)
+from lorapipe.config import DataParams, InstructionsParams, MixParams, PromptParams, SplitParams
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, write_json, write_jsonl
+from lorapipe.labels import read_labels
 from lorapipe.records import read_records, record
 
 log = logging.getLogger(__name__)
@@ -34,13 +27,33 @@ def _require_columns(frame: pd.DataFrame, path: Path, fields: dict[str, str | No
             raise PipelineError(f"{path}: no column {column!r} ({param}); columns are {list(frame.columns)}")
 
 
-def clean_tweets(
-    frame: pd.DataFrame, path: Path, tweets: TweetsParams, split: SplitParams
-) -> tuple[pd.DataFrame, dict]:
-    """Binary, confident, de-duplicated tweets as columns ``text`` and ``label``.
+def listed_labels(raw: pd.Series, path: Path, data: DataParams) -> tuple[pd.Series, dict[str, int]]:
+    """Each row's label as ``data.labels`` spells it (after ``label_map``, ignoring case), or None where it is not
+    listed; and how many rows each unlisted value has. ``unlisted_labels: refuse`` stops at the first one."""
+    tweets = data.tweets
+    labels = raw.astype(str).str.strip()
+    if tweets.label_map is not None:
+        mapping = {str(key): value for key, value in tweets.label_map.items()}
+        labels = labels.map(lambda value: mapping.get(value, value))
+    spelled = {label.casefold(): label for label in data.labels}
+    listed = labels.map(lambda value: spelled.get(" ".join(value.casefold().split())))
+    unlisted = dict(sorted(Counter(labels[listed.isna()]).items()))
+    if unlisted and data.unlisted_labels == "refuse":
+        first = next(iter(unlisted))
+        raise PipelineError(
+            f"{path}: label {first!r} in column {tweets.label_field!r} ({unlisted[first]} rows) is not in data.labels "
+            f"{data.labels}; list it, map it with data.tweets.label_map, or set data.unlisted_labels: drop"
+        )
+    return listed, unlisted
 
-    Rows whose confidence cell is empty count as below any threshold above zero.
+
+def clean_tweets(frame: pd.DataFrame, path: Path, data: DataParams) -> tuple[pd.DataFrame, dict]:
+    """Labelled, confident, de-duplicated rows as columns ``text`` and ``label`` (one of ``data.labels``).
+
+    Rows whose label is not listed are dropped (or refused, as ``data.unlisted_labels`` says); rows whose
+    confidence cell is empty count as below any threshold above zero.
     """
+    tweets, split = data.tweets, data.split
     _require_columns(
         frame,
         path,
@@ -52,32 +65,20 @@ def clean_tweets(
     )
     if frame.empty:
         raise PipelineError(f"{path}: no rows (data.tweets.source)")
-    labels = frame[tweets.label_field].astype(str).str.strip()
-    if tweets.label_map is not None:
-        mapping = {str(raw): label for raw, label in tweets.label_map.items()}
-        unmapped = sorted(set(labels) - set(mapping))
-        if unmapped:
-            raise PipelineError(
-                f"{path}: label {unmapped[0]!r} in column {tweets.label_field!r} is not in data.tweets.label_map"
-            )
-        labels = labels.map(mapping)
-    labels = labels.str.lower()
-    unknown = sorted(set(labels) - set(SENTIMENT_LABELS) - set(DROPPED_LABELS))
-    if unknown:
-        raise PipelineError(
-            f"{path}: unknown label {unknown[0]!r} in column {tweets.label_field!r} "
-            f"(data.tweets.label_field, or map it with data.tweets.label_map); "
-            f"known: {list(SENTIMENT_LABELS + DROPPED_LABELS)}"
-        )
+    labels, unlisted = listed_labels(frame[tweets.label_field], path, data)
     text = frame[tweets.text_field].astype(str).str.strip()
     out = pd.DataFrame({"text": text, "label": labels})
-    counts = {"read": len(out)}
-    out = out[~out.label.isin(DROPPED_LABELS) & (out.text != "")]
-    counts["binary"] = len(out)
-    for label in SENTIMENT_LABELS:
+    counts: dict = {"read": len(out)}
+    if unlisted:
+        counts["unlisted"] = unlisted
+        log.info("dropped rows whose label is not in data.labels: %s", unlisted)
+    out = out[out.label.notna() & (out.text != "")]
+    counts["listed"] = len(out)
+    for label in data.labels:
         if not (out.label == label).any():
             raise PipelineError(
-                f"{path}: no {label!r} tweet with text in column {tweets.label_field!r} (data.tweets.label_field)"
+                f"{path}: no {label!r} row with text in column {tweets.label_field!r} (data.tweets.label_field, "
+                "data.labels)"
             )
     if tweets.confidence_field is not None and split.min_confidence > 0:
         confidence = pd.to_numeric(frame.loc[out.index, tweets.confidence_field], errors="coerce")
@@ -90,30 +91,41 @@ def clean_tweets(
     return out.reset_index(drop=True), counts
 
 
-def split_tweets(frame: pd.DataFrame, path: Path, split: SplitParams) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """A seeded, stratified train/test split of exact sizes with no text in both."""
-    for label in SENTIMENT_LABELS:
+def _draw(frame: pd.DataFrame, size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A seeded, stratified draw of ``size`` rows, and the rest (all rows if ``size`` covers them)."""
+    if size >= len(frame):
+        return frame, frame.iloc[:0]
+    drawn, rest = train_test_split(frame, train_size=size, stratify=frame.label, random_state=seed)
+    return drawn, rest
+
+
+def split_tweets(
+    frame: pd.DataFrame, path: Path, split: SplitParams, labels: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Seeded, stratified train, validation and test splits of exact sizes with no text in two of them."""
+    for label in labels:
         if not (frame.label == label).any():
             raise PipelineError(f"{path}: no {label!r} tweets left after filtering (data.split.min_confidence)")
     if split.balance:
         smallest = frame.label.value_counts().min()
         frame = frame.groupby("label", group_keys=False).sample(n=smallest, random_state=split.seed)
-    wanted = split.train_size + split.test_size
+    wanted = split.train_size + split.valid_size + split.test_size
     if wanted > len(frame):
         raise PipelineError(
-            f"{path}: data.split.train_size + test_size = {wanted} exceeds the {len(frame)} "
+            f"{path}: data.split.train_size + valid_size + test_size = {wanted} exceeds the {len(frame)} "
             f"tweets left after filtering{' and balancing' if split.balance else ''}"
         )
-    # The test split is drawn first, from the seed and test_size alone, so changing train_size keeps the same test set.
+    # Each split is drawn from what the one before left, test first, from its seed and size alone: changing
+    # train_size keeps the test set, and changing valid_size keeps the test and training sets.
     rest, test = train_test_split(frame, test_size=split.test_size, stratify=frame.label, random_state=split.seed)
-    if split.train_size < len(rest):
-        rest, _ = train_test_split(rest, train_size=split.train_size, stratify=rest.label, random_state=split.seed)
-    return rest.reset_index(drop=True), test.reset_index(drop=True)
+    train, rest = _draw(rest, split.train_size, split.seed)
+    valid, _ = _draw(rest, split.valid_size, split.seed) if split.valid_size else (rest.iloc[:0], rest)
+    return tuple(part.reset_index(drop=True) for part in (train, valid, test))
 
 
-def sentiment_records(frame: pd.DataFrame, prompt: PromptParams) -> list[dict[str, Any]]:
+def sentiment_records(frame: pd.DataFrame, prompt: PromptParams, labels: list[str]) -> list[dict[str, Any]]:
     return [
-        record(sentiment_prompt(text, prompt), label, label=label, text=text)
+        record(sentiment_prompt(text, prompt, labels), label, label=label, text=text)
         for text, label in zip(frame.text, frame.label, strict=True)
     ]
 
@@ -207,9 +219,9 @@ def mix_records(
     return chosen, stats
 
 
-def write_mix(sentiment_path: Path, instructions_path: Path, mix: MixParams, out: Path) -> dict:
+def write_mix(sentiment_path: Path, labels_file: Path, instructions_path: Path, mix: MixParams, out: Path) -> dict:
     """The mix stage's work: read both record files, mix them, write ``out/train.jsonl`` and ``out/stats.json``."""
-    sentiment = read_records(sentiment_path, text_fields=("label",))
+    sentiment = read_records(sentiment_path, text_fields=("label",), labels=read_labels(labels_file).labels)
     instructions = read_records(instructions_path)
     rows, stats = mix_records(sentiment, instructions, mix, (str(sentiment_path), str(instructions_path)))
     with atomic_dir(out) as staging:

@@ -1,6 +1,6 @@
 """One model's evaluation: sentiment both ways, instruction answers and their scores, written as files.
 
-The decoding itself is :mod:`lorapipe.evaluation.decoding`; this module turns test records into its inputs and its
+The decoding itself is :mod:`lorapipe.models.decoding`; this module turns test records into its inputs and its
 outputs into the metrics JSON and the prediction files that the report and ``dvc plots`` read.
 """
 
@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lorapipe.config import EvalParams
+from lorapipe.classification import classification_metrics
+from lorapipe.config import NO_LABEL, EvalParams
 from lorapipe.evaluation.baseline import tfidf_predictions
-from lorapipe.evaluation.decoding import generate_answers, predict_sentiment
-from lorapipe.evaluation.metrics import NO_LABEL, classification_metrics, mean_scores, text_scores
+from lorapipe.evaluation.metrics import mean_scores, text_scores
 from lorapipe.host import peak_rss_mib
 from lorapipe.io import atomic_dir, atomic_file, write_json, write_jsonl
+from lorapipe.labels import read_labels
+from lorapipe.models.decoding import generate_answers, predict_sentiment
 from lorapipe.models.loading import inference_precision
 from lorapipe.records import answer_text, read_records
 
@@ -30,8 +32,9 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class EvalData:
-    """The evaluation inputs, validated: held-out tweets, held-out instructions, out-of-sample instructions."""
+    """The evaluation inputs, validated: the labels, held-out tweets, held-out and out-of-sample instructions."""
 
+    labels: tuple[str, ...]
     sentiment: list[dict[str, Any]]
     instructions: list[dict[str, Any]]
     out_of_sample: list[dict[str, Any]]
@@ -45,9 +48,11 @@ class Outputs:
     files: dict[str, list[dict[str, Any]]]
 
 
-def load_sentiment(path: Path, size: int | None = None) -> list[dict[str, Any]]:
-    """The first ``size`` (all if None) held-out tweets: records with a known ``label`` and their ``text``."""
-    return read_records(path, text_fields=("text", "label"), limit=size)
+def load_sentiment(
+    path: Path, labels: Sequence[str], size: int | None = None, allow_empty: bool = False
+) -> list[dict[str, Any]]:
+    """The first ``size`` (all if None) labelled tweets: records with a ``label`` of ``labels`` and their ``text``."""
+    return read_records(path, text_fields=("text", "label"), limit=size, labels=labels, allow_empty=allow_empty)
 
 
 def load_instructions(path: Path, size: int | None = None) -> list[dict[str, Any]]:
@@ -60,14 +65,19 @@ def load_out_of_sample(path: Path) -> list[dict[str, Any]]:
     return read_records(path, completion=False, text_fields=("id", "instruction"))
 
 
-def load_eval_data(tweets: Path, instructions: Path, out_of_sample: Path, params: EvalParams) -> EvalData:
+def load_eval_data(
+    labels_file: Path, tweets: Path, instructions: Path, out_of_sample: Path, params: EvalParams
+) -> EvalData:
+    labels = read_labels(labels_file).labels
     data = EvalData(
-        load_sentiment(tweets, params.sentiment_size),
+        labels,
+        load_sentiment(tweets, labels, params.sentiment_size),
         load_instructions(instructions, params.instruction_size),
         load_out_of_sample(out_of_sample),
     )
     log.info(
-        "read %d tweets from %s, %d instructions from %s, %d out-of-sample instructions from %s",
+        "labels %s; read %d tweets from %s, %d instructions from %s, %d out-of-sample instructions from %s",
+        list(labels),
         len(data.sentiment),
         tweets,
         len(data.instructions),
@@ -82,19 +92,23 @@ def _confusion_rows(actual: Sequence[str], predicted: Sequence[str | None]) -> l
     return [{"actual": a, "predicted": p or NO_LABEL} for a, p in zip(actual, predicted, strict=True)]
 
 
-def _sentiment_scores(actual: Sequence[str], predicted: Sequence[str | None], no_label: bool = True) -> dict:
-    scores = classification_metrics(actual, predicted)
+def _sentiment_scores(
+    actual: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str], no_label: bool = True
+) -> dict:
+    scores = classification_metrics(actual, predicted, labels)
     if not no_label:
         del scores["no_label_rate"]
     return scores
 
 
-def evaluate_baseline(train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]]) -> Outputs:
+def evaluate_baseline(
+    train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]], labels: Sequence[str]
+) -> Outputs:
     """The TF-IDF + logistic regression baseline on the same held-out tweets."""
     actual = [r["label"] for r in test]
     predicted = tfidf_predictions([r["text"] for r in train], [r["label"] for r in train], [r["text"] for r in test])
     metrics = {
-        "sentiment": {"tfidf": _sentiment_scores(actual, predicted, no_label=False)},
+        "sentiment": {"tfidf": _sentiment_scores(actual, predicted, labels, no_label=False)},
         "examples": {"train": len(train), "sentiment": len(test)},
     }
     rows = [{"text": r["text"], "label": r["label"], "predicted": p} for r, p in zip(test, predicted, strict=True)]
@@ -119,6 +133,7 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
                 model,
                 tokenizer,
                 [r["prompt"] for r in data.sentiment],
+                data.labels,
                 params.batch_size,
                 params.sentiment_max_new_tokens,
                 max_prompt_tokens=params.max_prompt_tokens,
@@ -147,10 +162,12 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
     )
     actual = [r["label"] for r in data.sentiment]
     generated_labels = [p.generated_label for p in predictions]
+    several = round(sum(p.labels_named > 1 for p in predictions) / len(predictions), 4)
     metrics = {
         "sentiment": {
-            "generate": _sentiment_scores(actual, generated_labels),
-            "score": _sentiment_scores(actual, [p.score_label for p in predictions], no_label=False),
+            # An answer naming several labels counts as its first (several_labels_rate says how often).
+            "generate": {**_sentiment_scores(actual, generated_labels, data.labels), "several_labels_rate": several},
+            "score": _sentiment_scores(actual, [p.score_label for p in predictions], data.labels, no_label=False),
         },
         "instructions": mean_scores(per_pair),
         "examples": {"sentiment": len(actual), "instructions": len(references), "out_of_sample": len(extra)},

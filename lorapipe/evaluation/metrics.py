@@ -1,4 +1,6 @@
-"""Scores: sentiment classification metrics and answer-vs-reference text similarity.
+"""Scores of answers against reference answers: token F1, ROUGE-L, BERTScore.
+
+Classification metrics of labels are :mod:`lorapipe.classification`.
 
 Everything here runs offline: ROUGE-L comes from ``rouge_score`` directly (the ``evaluate``
 library's loader needs the hub) and BERTScore uses a local encoder folder.
@@ -13,56 +15,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from lorapipe.config import SENTIMENT_LABELS
 from lorapipe.errors import PipelineError
 
-POSITIVE = "positive"
-NO_LABEL = "none"
-CONFUSION_LABELS = (*SENTIMENT_LABELS, NO_LABEL)
-
-# A label word not glued to other letters: "Positive.", "**negative**", "_positive_" count;
-# "positively" and "nonnegative" do not, so an adverb or a compound is never read as an answer.
-_LABEL_WORD = re.compile(r"(?<![a-z])(" + "|".join(SENTIMENT_LABELS) + r")(?![a-z])", re.IGNORECASE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def parse_label(answer: str) -> str | None:
-    """The first sentiment label word in a generated answer, lower-cased, or None if it names none."""
-    match = _LABEL_WORD.search(answer)
-    return match.group(1).lower() if match else None
-
-
-def label_is_settled(answer: str) -> bool:
-    """Whether :func:`parse_label` of any continuation of ``answer`` is already decided: its first label word
-    is followed by a character that is not a letter, so no later text can change or precede it."""
-    match = _LABEL_WORD.search(answer)
-    return match is not None and match.end() < len(answer)
-
-
-def classification_metrics(actual: Sequence[str], predicted: Sequence[str | None]) -> dict[str, float]:
-    """Accuracy and the positive class's F1, precision and recall; a missing prediction counts as wrong."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
-
-    if not actual or len(actual) != len(predicted):
-        raise ValueError(f"need as many predictions as labels, and at least one (got {len(actual)}, {len(predicted)})")
-    predicted = [p if p is not None else NO_LABEL for p in predicted]
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        actual, predicted, labels=[POSITIVE], average=None, zero_division=0.0
-    )
-    return {
-        "accuracy": round(float(accuracy_score(actual, predicted)), 4),
-        "f1": round(float(f1[0]), 4),
-        "precision": round(float(precision[0]), 4),
-        "recall": round(float(recall[0]), 4),
-        "no_label_rate": round(sum(p == NO_LABEL for p in predicted) / len(predicted), 4),
-    }
-
-
-def confusion_matrix(actual: Sequence[str], predicted: Sequence[str | None]) -> list[list[int]]:
-    """Counts with rows = actual (positive, negative) and columns = predicted (positive, negative, none)."""
-    counts = Counter(zip(actual, (p if p is not None else NO_LABEL for p in predicted), strict=True))
-    return [[counts[(row, column)] for column in CONFUSION_LABELS] for row in SENTIMENT_LABELS]
 
 
 def normalize_answer(text: str) -> list[str]:

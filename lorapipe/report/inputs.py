@@ -10,14 +10,16 @@ from typing import Any
 
 import yaml
 
+from lorapipe.classification import confusion_matrix
 from lorapipe.config import ReportParams
 from lorapipe.errors import PipelineError, yaml_problem
-from lorapipe.evaluation.metrics import confusion_matrix
 from lorapipe.io import read_json, read_jsonl
+from lorapipe.labels import read_labels
 
 MODEL_ORDER = ("base", "sentiment", "mixed")
 BASELINE = "baseline"
 CURVES = ("loss", "learning_rate")
+VALIDATION_CURVES = ("eval/accuracy", "eval/macro_f1")  # the validation split, scored while training
 
 
 def model_order(name: str) -> tuple[int, str]:
@@ -40,6 +42,7 @@ class ReportSources:
     """Every file the report stage reads, as its command line names them."""
 
     models: dict[str, ModelFiles]
+    labels_file: Path
     baseline_metrics: Path | None = None
     baseline_predictions: Path | None = None
     manifests: tuple[Path, ...] = ()
@@ -54,6 +57,7 @@ class ReportInputs:
 
     params: ReportParams
     metrics: dict[str, dict[str, Any]]
+    labels: tuple[str, ...]
     baseline: dict[str, Any] | None = None
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)
     training: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -80,13 +84,13 @@ def read_curve(path: Path) -> list[tuple[float, float]]:
     return [(float(r["step"]), float(r[path.stem])) for r in rows]
 
 
-def read_confusion(path: Path) -> list[list[int]]:
+def read_confusion(path: Path, labels: tuple[str, ...]) -> list[list[int]]:
     """The confusion matrix of a predictions CSV with columns actual and predicted."""
     with open(path, encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     if rows and not {"actual", "predicted"} <= rows[0].keys():
         raise PipelineError(f"{path}: no column 'actual' or 'predicted'")
-    return confusion_matrix([r["actual"] for r in rows], [r["predicted"] for r in rows])
+    return confusion_matrix([r["actual"] for r in rows], [r["predicted"] for r in rows], labels)
 
 
 def find_curve(live_dir: Path, metric: str) -> Path | None:
@@ -128,10 +132,10 @@ def dvc_lock_hashes(path: Path) -> dict[str, list[tuple[str, str]]]:
     }
 
 
-def _model_extras(name: str, files: ModelFiles, inputs: dict[str, dict]) -> None:
+def _model_extras(name: str, files: ModelFiles, labels: tuple[str, ...], inputs: dict[str, dict]) -> None:
     confusion = files.predictions / "confusion.csv"
     if confusion.is_file():
-        inputs["confusion"][name] = read_confusion(confusion)
+        inputs["confusion"][name] = read_confusion(confusion, labels)
     answers = files.predictions / "out_of_sample.jsonl"
     if answers.is_file():
         inputs["out_of_sample"][name] = read_jsonl(answers, ("id", "instruction", "answer"))
@@ -140,7 +144,7 @@ def _model_extras(name: str, files: ModelFiles, inputs: dict[str, dict]) -> None
     if files.card is not None:
         inputs["cards"][name] = read_json(files.card)
     if files.curves is not None:
-        found = {metric: find_curve(files.curves, metric) for metric in CURVES}
+        found = {metric: find_curve(files.curves, metric) for metric in CURVES + VALIDATION_CURVES}
         if any(found.values()):
             inputs["curves"][name] = {metric: read_curve(path) for metric, path in found.items() if path is not None}
 
@@ -150,18 +154,20 @@ def load_report_inputs(sources: ReportSources, params: ReportParams) -> ReportIn
     if not sources.models:
         raise PipelineError("no model to report on (pass --model NAME=METRICS,PREDICTIONS)")
     metrics = {name: read_json(files.metrics) for name, files in sources.models.items()}
+    labels = read_labels(sources.labels_file).labels
     extras: dict[str, dict] = {"confusion": {}, "out_of_sample": {}, "training": {}, "cards": {}, "curves": {}}
     for name, files in sources.models.items():
-        _model_extras(name, files, extras)
+        _model_extras(name, files, labels, extras)
     baseline = None
     if sources.baseline_metrics is not None:
         baseline = read_json(sources.baseline_metrics)
         if sources.baseline_predictions is not None:
-            extras["confusion"][BASELINE] = read_confusion(sources.baseline_predictions / "confusion.csv")
+            extras["confusion"][BASELINE] = read_confusion(sources.baseline_predictions / "confusion.csv", labels)
     params_file = sources.params_file
     return ReportInputs(
         params=params,
         metrics=metrics,
+        labels=labels,
         baseline=baseline,
         **extras,
         params_text=params_file.read_text(encoding="utf-8") if params_file and params_file.is_file() else "",

@@ -18,7 +18,14 @@ from lorapipe.report.inputs import ReportInputs, model_order
 
 log = logging.getLogger(__name__)
 
-SCORES = (("accuracy", "Accuracy"), ("f1", "F1"), ("precision", "Precision"), ("recall", "Recall"))
+SCORES = (
+    ("accuracy", "Accuracy"),
+    ("f1", "F1"),
+    ("precision", "Precision"),
+    ("recall", "Recall"),
+    ("macro_f1", "Macro F1"),
+)
+PER_LABEL = (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))
 TEXT_SCORES = (("token_f1", "Token F1"), ("rouge_l", "ROUGE-L"), ("bertscore_f1", "BERTScore F1"))
 COST = (
     ("sentiment", "Tweets, both ways (s)"),
@@ -35,6 +42,7 @@ TRAINING = (
     ("peak_rss_mib", "Peak memory (RSS, MiB)"),
     ("final_loss", "Final loss"),
 )
+VALIDATION = (("accuracy", "Validation accuracy"), ("macro_f1", "Validation macro F1"), ("seconds", "Validation (s)"))
 EVAL_SPEED = ("Tweets/s", "Generated tokens/s", "Peak memory (RSS, MiB)")
 CARDS = "cards"
 
@@ -72,12 +80,32 @@ def _score_rows(inputs: ReportInputs, way: str, extra: tuple[str, ...] = ()) -> 
     return rows
 
 
+def _headline_note(labels: tuple[str, ...]) -> str:
+    if len(labels) == 2:
+        return f"F1, precision and recall are of the label {labels[0]!r} (the positive class)."
+    return "F1, precision and recall are macro averages over the labels."
+
+
+def _per_label_rows(inputs: ReportInputs) -> list[list[str]]:
+    rows = []
+    for name in inputs.models:
+        scores = inputs.metrics[name].get("sentiment", {}).get("score", {}).get("per_label")
+        if scores:
+            rows.append(
+                [name, *(_number(scores.get(label, {}).get(key)) for label in inputs.labels for key, _ in PER_LABEL)]
+            )
+    return rows
+
+
 def _sentiment_section(inputs: ReportInputs) -> list[str]:
     n = next((m["examples"]["sentiment"] for m in inputs.metrics.values() if "examples" in m), None)
     lines = [
         f"## Sentiment on {n} held-out tweets" if n else "## Sentiment on held-out tweets",
         "",
-        "**Label scoring**: the label whose tokens the model finds more likely right after the prompt.",
+        f"Labels: {', '.join(inputs.labels)}. {_headline_note(inputs.labels)}",
+        "",
+        "**Label scoring**: the label the model finds likeliest as its whole answer (the label's tokens and the "
+        "end-of-turn token after them).",
         "",
     ]
     rows = _score_rows(inputs, "score")
@@ -88,22 +116,30 @@ def _sentiment_section(inputs: ReportInputs) -> list[str]:
         rows.append(
             [
                 f"*{name}: {inputs.params.reference_name}*",
-                *(f"*{_number(getattr(reference, key))}*" for key, _ in SCORES),
+                *(
+                    f"*{_number(value)}*" if (value := getattr(reference, key, None)) is not None else ""
+                    for key, _ in SCORES
+                ),
             ]
         )
     lines += _table(["Model", *(title for _, title in SCORES)], rows)
+    per_label = _per_label_rows(inputs)
+    if per_label:
+        header = [f"{label} {title}" for label in inputs.labels for _, title in PER_LABEL]
+        lines += ["Each label (label scoring):", "", *_table(["Model", *header], per_label)]
     scored_on = [
         f"{name}: {inputs.metrics[name]['scored_on']}" for name in inputs.models if "scored_on" in inputs.metrics[name]
     ]
     if scored_on:
         lines += ["Weights each model was scored with: " + "; ".join(scored_on) + ".", ""]
     lines += [
-        "**Generation**: the first label word in the model's greedy answer; an answer that names no label "
-        "counts as wrong.",
+        "**Generation**: the first label the model's greedy answer names; an answer that names no label "
+        "counts as wrong, and one that names several counts as its first.",
         "",
     ]
     lines += _table(
-        ["Model", *(title for _, title in SCORES), "No label"], _score_rows(inputs, "generate", ("no_label_rate",))
+        ["Model", *(title for _, title in SCORES), "No label", "Several labels"],
+        _score_rows(inputs, "generate", ("no_label_rate", "several_labels_rate")),
     )
     if inputs.confusion:
         lines += [
@@ -140,12 +176,25 @@ def _training_section(inputs: ReportInputs) -> list[str]:
     lines = ["## Training", ""]
     if inputs.training:
         rows = [
-            [name, *(_number(summary.get(key), 4 if key == "final_loss" else 1) for key, _ in TRAINING)]
+            [
+                name,
+                *(_number(summary.get(key), 4 if key == "final_loss" else 1) for key, _ in TRAINING),
+                *(
+                    _number((summary.get("validation") or {}).get(key), 1 if key == "seconds" else 3)
+                    for key, _ in VALIDATION
+                ),
+            ]
             for name, summary in sorted(inputs.training.items(), key=lambda item: model_order(item[0]))
         ]
-        lines += _table(["Model", *(title for _, title in TRAINING)], rows)
+        lines += _table(["Model", *(title for _, title in TRAINING), *(title for _, title in VALIDATION)], rows)
     if inputs.curves:
-        lines += [f"![Training loss and learning rate]({CURVES_PNG})", ""]
+        lines += [
+            f"![Training loss, learning rate and validation accuracy]({CURVES_PNG})",
+            "",
+            "Validation: the held-out validation tweets (drawn from the training pool, never the test set) scored by "
+            "label likelihood every `train.eval_steps` optimizer steps and at the end.",
+            "",
+        ]
     return lines
 
 

@@ -33,6 +33,7 @@ from lorapipe.host import (
     step_timer,
 )
 from lorapipe.io import atomic_file, read_json, remove_stale_staging, replace_dir, sha256_file, write_json
+from lorapipe.labels import read_labels
 from lorapipe.models.loading import (
     Hardware,
     choose_hardware,
@@ -54,6 +55,7 @@ from lorapipe.training.label_head import (
     use_mask_dropout,
 )
 from lorapipe.training.launch import launched, rank
+from lorapipe.training.validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class TrainJob:
     summary_out: Path
     live_dir: Path | None = None
     params_file: Path = Path("params.yaml")  # named in errors about a param
+    valid_file: Path | None = None  # validation records scored while training (none, or an empty file: no validation)
+    labels_file: Path | None = None  # the label set of the validation records
 
 
 def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware: Hardware | None = None) -> dict:
@@ -85,6 +89,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     # here are deterministic anyway (tests/test_training.py checks two runs give equal weights).
     set_seed(train.seed)
     rows = read_records(job.train_file)
+    valid = read_validation(job)
     if launched():  # join the other processes now: the ranks agree on precision and resume point
         PartialState()
     with shared_cores():
@@ -98,14 +103,34 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
         resume = resume_checkpoint(job, lora, train)
         trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None, label_head)
         trainer.add_callback(RefreshThreads())
+        validation = None
+        if valid is not None:
+            validation = Validation(tokenizer, valid[1], valid[0], train.eval_steps)
+            validation.trainer = trainer
+            trainer.add_callback(validation)
         started = time.perf_counter()
         with disk_full_is_one_line(job.checkpoints):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         wall = time.perf_counter() - started
     summary = summarise(job, trainer, result, hardware, len(rows), wall, resume, choice)
     summary.update(overlong_records=overlong, overlong=train.overlong)
+    summary["validation"] = validation.summary() if validation is not None else None
     save_adapter(job, trainer, lora, train, summary, len(rows))
     return summary
+
+
+def read_validation(job: TrainJob) -> tuple[tuple[str, ...], list[dict[str, Any]]] | None:
+    """The label set and the validation records, or None where there are none to score."""
+    if job.valid_file is None:
+        return None
+    if job.labels_file is None:
+        raise PipelineError(f"{job.valid_file}: validation records need the label set (--labels)")
+    labels = read_labels(job.labels_file).labels
+    rows = read_records(job.valid_file, text_fields=("text", "label"), labels=labels, allow_empty=True)
+    if not rows:
+        log.info("no validation records in %s (data.split.valid_size 0): no validation while training", job.valid_file)
+        return None
+    return labels, rows
 
 
 @contextlib.contextmanager
@@ -426,7 +451,14 @@ def live_callbacks(live_dir: Path | None, resuming: bool) -> list:
     from dvclive import Live
     from transformers.integrations import DVCLiveCallback
 
-    return [DVCLiveCallback(live=Live(dir=str(live_dir), resume=resuming, dvcyaml=False, save_dvc_exp=False))]
+    class StepDVCLiveCallback(DVCLiveCallback):
+        """DVCLive's step is the optimizer step: the loss and the validation figures share one x axis."""
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            self.live.step = state.global_step
+            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    return [StepDVCLiveCallback(live=Live(dir=str(live_dir), resume=resuming, dvcyaml=False, save_dvc_exp=False))]
 
 
 def summarise(

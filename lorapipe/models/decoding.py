@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from lorapipe.config import SENTIMENT_LABELS
-from lorapipe.evaluation.metrics import label_is_settled, parse_label
 from lorapipe.host import refresh_threads
+from lorapipe.labels import LabelSet
 from lorapipe.records import Conversation
 
 log = logging.getLogger(__name__)
@@ -34,8 +33,9 @@ class SentimentPrediction:
     logprobs: dict[str, float]
     score_label: str
     answer: str
-    generated_label: str | None
+    generated_label: str | None  # the first label the answer names
     truncated: bool = False
+    labels_named: int = 0  # how many of the labels the answer names (more than one: it names several)
 
 
 @dataclass(frozen=True)
@@ -213,25 +213,53 @@ def _greedy(
     return [row[:-1] if row[-1] in stops else row for row in tokens]
 
 
-def label_token_ids(tokenizer, prompt: str, label: str) -> list[int]:
-    """The tokens of ``label`` as an answer right after a rendered prompt, as training tokenizes it."""
-    prompt_ids, full = encode(tokenizer, [prompt, prompt + label])
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return full[len(prompt_ids) :]
-    return encode(tokenizer, [label])[0]
+def answer_ids(tokenizer, conversation: Conversation, label: str, stops: set[int]) -> list[int]:
+    """The tokens of ``label`` as the whole answer to ``conversation``, up to and including the end-of-turn token,
+    as the chat template renders it and training tokenises it."""
+    prompt = render(tokenizer, [conversation])[0]
+    full = tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": label}], tokenize=False)
+    prompt_ids, full_ids = encode(tokenizer, [prompt, full])
+    tail = full_ids[len(prompt_ids) :] if full_ids[: len(prompt_ids)] == prompt_ids else []
+    end = next((i for i, token in enumerate(tail) if token in stops), None)
+    if not end:  # a template that renders the prompt otherwise once answered, or ends no turn: the label, then EOS
+        without = encode(tokenizer, [prompt + label])[0]
+        tail = without[len(prompt_ids) :] if without[: len(prompt_ids)] == prompt_ids else encode(tokenizer, [label])[0]
+        return [*tail, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stops)]
+    return tail[: end + 1]
 
 
-def _label_logprobs(model, batch: _Batch, label_ids: dict[str, list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Sum of log-probabilities of each label's tokens; one extra teacher-forced pass per multi-token label."""
+def _label_logprobs(model, batch: _Batch, answers: dict[str, list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Log-likelihood of each label as the whole answer: its tokens and the end-of-turn token after them.
+
+    The first token's comes from the prefill's logits; the rest from one teacher-forced pass over every label at
+    once, each batch row repeated once per label on a copy of the row's KV cache (a label of one token needs
+    that pass too: for its end-of-turn token, so that "pos" cannot win over "positive").
+    """
     first = torch.log_softmax(batch.logits.float(), dim=-1)
+    labels, rows = list(answers), len(batch.rows)
+    width = max(len(tokens) for tokens in answers.values()) - 1  # every token but the last is fed
+    feed = torch.full((len(labels), width), pad_id, dtype=torch.long)
+    feed_mask = torch.zeros((len(labels), width), dtype=torch.long)
+    for i, tokens in enumerate(answers.values()):
+        feed[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
+        feed_mask[i, : len(tokens) - 1] = 1
+    device = batch.logits.device
+    cache = copy.deepcopy(batch.state.cache)
+    cache.batch_repeat_interleave(len(labels))
+    mask = torch.cat([batch.state.mask.repeat_interleave(len(labels), 0), feed_mask.to(device).repeat(rows, 1)], 1)
+    positions = batch.state.next_position.repeat_interleave(len(labels))[:, None] + torch.arange(width, device=device)
+    out = model(
+        input_ids=feed.to(device).repeat(rows, 1),
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1).view(rows, len(labels), width, -1)
     scores = {}
-    for label, tokens in label_ids.items():
-        if len(tokens) == 1:
-            scores[label] = first[:, tokens[0]]
-            continue
-        logits, _ = _prefill(model, batch.prefix, [s + tokens[:-1] for s in batch.suffixes], pad_id, keep=len(tokens))
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        scores[label] = logprobs[:, torch.arange(len(tokens)), torch.tensor(tokens)].sum(-1)
+    for i, (label, tokens) in enumerate(answers.items()):
+        rest = torch.tensor(tokens[1:], device=device)
+        scores[label] = first[:, tokens[0]] + logprobs[:, i, torch.arange(len(rest)), rest].sum(-1)
     return scores
 
 
@@ -239,14 +267,56 @@ def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def _label_scored_batches(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    label_set: LabelSet,
+    batch_size: int,
+    share_prefix: bool,
+    max_prompt_tokens: int | None,
+) -> tuple[list[bool], set[int], Iterator[tuple[_Batch, dict[str, torch.Tensor]]]]:
+    """Which prompts were cut, the stop tokens, and the prefilled batches with each label's log-likelihood."""
+    ids, cut = fit_prompts(encode(tokenizer, render(tokenizer, conversations)), max_prompt_tokens)
+    pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
+    answers = {label: answer_ids(tokenizer, conversations[0], label, stops) for label in label_set.labels}
+    batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment")
+    return cut, stops, ((batch, _label_logprobs(model, batch, answers, pad_id)) for batch in batches)
+
+
+@torch.no_grad()
+def score_labels(
+    model,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    labels: Sequence[str],
+    batch_size: int,
+    share_prefix: bool = True,
+    max_prompt_tokens: int | None = None,
+) -> list[dict[str, float]]:
+    """Each conversation's log-likelihood of every label as its whole answer, without generating.
+
+    ``no_grad`` rather than ``inference_mode``: training calls this between its steps (validation).
+    """
+    results: list[dict[str, float] | None] = [None] * len(conversations)
+    label_set = LabelSet(tuple(labels))
+    _, _, scored = _label_scored_batches(
+        model, tokenizer, conversations, label_set, batch_size, share_prefix, max_prompt_tokens
+    )
+    for batch, scores in scored:
+        for j, row in enumerate(batch.rows):
+            results[row] = {label: float(scores[label][j]) for label in label_set.labels}
+    return results
+
+
 @torch.inference_mode()
 def predict_sentiment(
     model,
     tokenizer,
     conversations: Sequence[Conversation],
+    labels: Sequence[str],
     batch_size: int,
     max_new_tokens: int,
-    labels: Sequence[str] = SENTIMENT_LABELS,
     share_prefix: bool = True,
     stop_when_settled: bool = True,
     max_prompt_tokens: int | None = None,
@@ -254,26 +324,29 @@ def predict_sentiment(
     """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
 
     The answer stops at the end-of-turn token, after ``max_new_tokens``, or (``stop_when_settled``) as soon as its
-    first label word is settled (:func:`~lorapipe.evaluation.metrics.label_is_settled`): the generated label is
-    the same as the full answer's.
+    first label is settled (:meth:`~lorapipe.labels.LabelSet.is_settled`): the generated label is then the same as
+    the full answer's.
     """
-    texts = render(tokenizer, conversations)
-    ids, cut = fit_prompts(encode(tokenizer, texts), max_prompt_tokens)
-    label_ids = {label: label_token_ids(tokenizer, texts[0], label) for label in labels}
-    pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
-    results: list[SentimentPrediction | None] = [None] * len(ids)
-    # An answer stops once it names a label for good: the generated label is then what the whole answer gives.
-    settled = lambda tokens: label_is_settled(tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: E731
-    for batch in _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment"):
-        scores = _label_logprobs(model, batch, label_ids, pad_id)
-        answers = _greedy(
+    label_set = LabelSet(tuple(labels))
+    cut, stops, scored = _label_scored_batches(
+        model, tokenizer, conversations, label_set, batch_size, share_prefix, max_prompt_tokens
+    )
+    results: list[SentimentPrediction | None] = [None] * len(conversations)
+    settled = lambda tokens: label_set.is_settled(tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: E731
+    for batch, scores in scored:
+        generated = _greedy(
             model, batch.logits, batch.state, max_new_tokens, stops, settled if stop_when_settled else None
         )
         for j, row in enumerate(batch.rows):
-            logprobs = {label: float(scores[label][j]) for label in labels}
-            answer = tokenizer.decode(answers[j], skip_special_tokens=True).strip()
+            logprobs = {label: float(scores[label][j]) for label in label_set.labels}
+            answer = tokenizer.decode(generated[j], skip_special_tokens=True).strip()
             results[row] = SentimentPrediction(
-                logprobs, max(logprobs, key=logprobs.get), answer, parse_label(answer), cut[row]
+                logprobs,
+                max(logprobs, key=logprobs.get),
+                answer,
+                label_set.parse(answer),
+                cut[row],
+                len(label_set.named(answer)),
             )
     return results
 

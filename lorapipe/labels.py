@@ -1,0 +1,89 @@
+"""The label set of a classification study: the answers the models learn, how answers are read, where it is kept.
+
+``data.labels`` in params.yaml lists them (two or more short texts, multi-word ones included); instructify
+writes them to ``labels.json`` beside the records it prepares, and training, evaluation and the report read
+that file, so every stage after instructify agrees on the labels and their order without reading params.
+With two labels the first is the positive class of precision, recall and F1 (the seed's figures).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from lorapipe.config import label_problems, label_words
+from lorapipe.errors import PipelineError
+from lorapipe.io import read_json, write_json
+
+LABELS_FILE = "labels.json"
+# A label's edges may not touch a letter or digit: "Positive.", "**negative**" and "_positive_" name a label,
+# "positively" and "nonnegative" do not, so an adverb or a compound is never read as an answer.
+_EDGE_BEFORE, _EDGE_AFTER = r"(?<![^\W_])", r"(?![^\W_])"
+
+
+def describe(labels: Sequence[str]) -> str:
+    """The labels as a prompt names them: "positive or negative", "positive, negative or neutral"."""
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " or " + labels[-1]
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The labels in their order; reads which of them a generated answer names."""
+
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        problem = label_problems(self.labels)
+        if problem:
+            raise ValueError(problem)
+
+    @cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        # Longest first: at one position the longer of two overlapping labels wins.
+        words = sorted(self.labels, key=lambda label: -len(label))
+        alternatives = "|".join(r"\s+".join(map(re.escape, label.split())) for label in words)
+        return re.compile(f"{_EDGE_BEFORE}({alternatives}){_EDGE_AFTER}", re.IGNORECASE)
+
+    def _canonical(self, text: str) -> str:
+        key = " ".join(label_words(text))
+        return next(label for label in self.labels if " ".join(label_words(label)) == key)
+
+    def named(self, answer: str) -> list[str]:
+        """The distinct labels ``answer`` names, in the order it names them."""
+        found: list[str] = []
+        for match in self._pattern.finditer(answer):
+            label = self._canonical(match.group(1))
+            if label not in found:
+                found.append(label)
+        return found
+
+    def parse(self, answer: str) -> str | None:
+        """The first label ``answer`` names (its prediction), or None if it names none."""
+        match = self._pattern.search(answer)
+        return self._canonical(match.group(1)) if match else None
+
+    def is_settled(self, answer: str) -> bool:
+        """Whether :meth:`parse` of any continuation of ``answer`` is already decided: its first label is followed
+        by a character that cannot extend it. No label lies inside another (:func:`label_problems`), so no label
+        that starts earlier can still end later."""
+        match = self._pattern.search(answer)
+        return match is not None and match.end() < len(answer)
+
+
+def write_labels(path: Path, labels: Sequence[str]) -> None:
+    write_json(path, {"labels": list(labels)})
+
+
+def read_labels(path: Path) -> LabelSet:
+    """The label set instructify wrote; one error naming the file if it is not one."""
+    value = read_json(path)
+    labels = value.get("labels") if isinstance(value, dict) else None
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise PipelineError(f"{path}: field 'labels' is not a list of texts (rerun instructify)")
+    try:
+        return LabelSet(tuple(labels))
+    except ValueError as err:
+        raise PipelineError(f"{path}: field 'labels': {err}") from None
