@@ -50,26 +50,29 @@ COMMANDS: dict[str, list[str]] = {
     "instructify": stage("instructify", "--raw data/raw --out-of-sample out_of_sample.yaml --out data/prepared"),
     "mix": stage(
         "mix",
-        "--sentiment data/prepared/sentiment_train.jsonl --instructions data/prepared/instructions_train.jsonl "
-        "--out data/mixed",
+        "--sentiment data/prepared/sentiment_train.jsonl --labels data/prepared/labels.json "
+        "--instructions data/prepared/instructions_train.jsonl --out data/mixed",
     ),
     "train": stage(
         "train",
         "--name sentiment --base models/base --train-file data/prepared/sentiment_train.jsonl "
         "--adapter-out models/adapters/sentiment --checkpoints models/checkpoints/sentiment "
-        "--live-dir dvclive/sentiment --summary metrics/train_sentiment.json --processes 1",
+        "--live-dir dvclive/sentiment --summary metrics/train_sentiment.json --processes 1 "
+        "--valid-file data/prepared/sentiment_valid.jsonl --labels data/prepared/labels.json",
         "--accelerate-config",
         str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
     ),
     "evaluate": stage(
         "evaluate",
-        "--base models/base --adapter models/adapters/sentiment --tweets data/prepared/sentiment_test.jsonl "
+        "--base models/base --adapter models/adapters/sentiment --labels data/prepared/labels.json "
+        "--tweets data/prepared/sentiment_test.jsonl "
         "--instructions data/prepared/instructions_test.jsonl --out-of-sample data/prepared/out_of_sample.jsonl "
         "--metrics metrics/sentiment.json --predictions data/predictions/sentiment",
     ),
     "report": stage(
         "report",
-        "--out report --model sentiment=metrics/sentiment.json,data/predictions/sentiment "
+        "--out report --labels data/prepared/labels.json "
+        "--model sentiment=metrics/sentiment.json,data/predictions/sentiment "
         "--training sentiment=metrics/train_sentiment.json --curves sentiment=dvclive/sentiment "
         "--card sentiment=models/adapters/sentiment/card.json "
         "--manifest data/raw/manifest.json --manifest models/base/manifest.json",
@@ -490,7 +493,8 @@ CASES = [
         "params-sentiment_template-tweet-placeholder",
         "instructify",
         set_param("prompt.sentiment_template", "Classify this tweet: {tweet}"),
-        "params.yaml: prompt.sentiment_template: Value error, must use exactly the placeholders {text}, not {tweet}",
+        "params.yaml: prompt.sentiment_template: Value error, must use exactly the placeholders {text} (and may use "
+        "{labels}), not {tweet}",
     ),
     case(
         "params-unknown-top-level-key",
@@ -512,10 +516,16 @@ CASES = [
         "params.yaml: mix.instruction_share: Input should be less than or equal to 1 (got 1.5)",
     ),
     case(
-        "params-label_map-unknown-label",
+        "params-labels-twice",
         "instructify",
-        set_param("data.tweets.label_map", {"0": "negative", "4": "happy"}),
-        "params.yaml: data.tweets.label_map: Value error, maps to 'happy'",
+        set_param("data.labels", ["positive", "Positive"]),
+        "params.yaml: data.labels: Value error, 'Positive' and 'positive' are the same label",
+    ),
+    case(
+        "params-labels-one-inside-another",
+        "instructify",
+        set_param("data.labels", ["spam", "not spam"]),
+        "params.yaml: data.labels: Value error, 'spam' is part of 'not spam'",
     ),
     case(
         "params-source-unknown-kind",
@@ -631,17 +641,18 @@ CASES = [
         "data/raw/tweets.csv: no column 'text' (data.tweets.text_field)",
     ),
     case(
-        "instructify-unknown-label",
+        "instructify-unlisted-label-refused",
         "instructify",
-        append("data/raw/tweets.csv", b"happy,0.9,what a day\n"),
-        "data/raw/tweets.csv: unknown label 'happy' in column 'sentiment' (data.tweets.label_field",
+        all_of(set_param("data.unlisted_labels", "refuse"), append("data/raw/tweets.csv", b"happy,0.9,what a day\n")),
+        "data/raw/tweets.csv: label 'happy' in column 'sentiment' (1 rows) is not in data.labels",
+        "data.unlisted_labels: drop",
     ),
     case(
         "instructify-only-neutral-tweets",
         "instructify",
         write("data/raw/tweets.csv", HEADER + "neutral,0.9,just a car\nneutral,0.8,a day\n"),
-        "data/raw/tweets.csv: no 'positive' tweet",
-        "(data.tweets.label_field)",
+        "data/raw/tweets.csv: no 'positive' row",
+        "(data.tweets.label_field, data.labels)",
         forbidden=("min_confidence",),
     ),
     case(
@@ -660,7 +671,7 @@ CASES = [
         "instructify-sizes-exceed-the-data",
         "instructify",
         set_param("data.split.train_size", 500),
-        "data/raw/tweets.csv: data.split.train_size + test_size = 512 exceeds the",
+        "data/raw/tweets.csv: data.split.train_size + valid_size + test_size = 518 exceeds the",
     ),
     case(
         "instructify-instruction_test_size-leaves-no-training",
@@ -799,6 +810,12 @@ CASES = [
         truncate(f"{ADAPTER}/adapter_model.safetensors"),
         f"{ADAPTER}/adapter_model.safetensors: corrupt or truncated safetensors file; restore it with "
         f"`dvc checkout {ADAPTER}`",
+    ),
+    case(
+        "evaluate-labels-file-not-a-label-set",
+        "evaluate",
+        write("data/prepared/labels.json", '{"labels": ["positive"]}'),
+        "data/prepared/labels.json: field 'labels': needs at least two labels",
     ),
     case(
         "evaluate-test-file-unknown-label",
@@ -970,7 +987,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) == 73  # a case lost in an edit shows here
+    assert len(ids) == 75  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command
