@@ -43,10 +43,13 @@ def data_params(tweets_source: dict, instructions_source: dict, **tweets: object
                 "min_confidence": 0.0,
                 "balance": True,
                 "train_size": 1,
+                "valid_size": 0,
                 "test_size": 1,
                 "instruction_test_size": 1,
                 "max_instruction_chars": 100,
             },
+            "labels": ["positive", "negative"],
+            "unlisted_labels": "drop",
         }
     )
 
