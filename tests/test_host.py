@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 from test_training import make_job
 
-from conftest import tiny_params
+from conftest import sentiment_rows, tiny_params
 from lorapipe import host
 from lorapipe.config import parse_params
 from lorapipe.host import CoreShare, choose_precision
+from lorapipe.models.loading import load_tokenizer
 from lorapipe.training import recipe as training
 
 
@@ -99,6 +100,31 @@ def test_frozen_weights_stored_in_bf16_train_bit_identically(tmp_path, tiny_mode
     monkeypatch.setattr(training, "store_frozen_linears_in_bf16", lambda model: 0)
     cast = adapter_after(tmp_path, tiny_model, params, "cast", cpu_precision="bf16")
     assert all(torch.equal(stored[k], cast[k]) for k in stored)
+
+
+def test_the_probe_times_bf16_on_bf16_weights_and_hands_back_the_fp32_ones(tiny_model, params, monkeypatch):
+    from lorapipe.models.loading import load_for_inference
+
+    model = load_for_inference(tiny_model)
+    before = {name: (p, p.data.clone()) for name, p in model.named_parameters()}
+    seen: dict[str, set] = {}
+
+    def timer(step, rows, warm_up=None):
+        def measure(precision):
+            seen[precision] = {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)}
+            return 1.0
+
+        return measure
+
+    monkeypatch.setattr(training, "step_timer", timer)
+    rows = sentiment_rows(params.prompt, 8)
+    training.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train)
+    assert seen["fp32"] == {torch.float32}
+    assert torch.bfloat16 in seen["bf16"]  # the frozen projections; the tied output head stays fp32
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    for name, (param, data) in before.items():
+        assert after[name] is param and param.dtype == torch.float32 and torch.equal(param.data, data), name
 
 
 def test_passes_of_fewer_rows_train_the_same_adapter(tmp_path, tiny_model, params):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import run, stages_run
 
 from conftest import ROOT, build_tiny_model, tiny_params, write_instructions_json
-from test_pipeline import run, stages_run
 
 pytestmark = pytest.mark.slow
 

@@ -99,11 +99,19 @@ class Prefix:
             self.cache = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=True).past_key_values
 
     def for_batch(self, size: int):
-        if self.cache is None:
-            return None
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(size)
-        return cache
+        return repeated(self.cache, size) if self.cache is not None else None
+
+
+def repeated(cache, times: int):
+    """A new cache with each row of ``cache`` repeated ``times`` times; ``cache`` itself is left as it is.
+
+    A shallow copy of the cache and its layers is enough: repeating, and every later forward, puts new tensors in
+    the copy's layers rather than writing into the old ones (a deep copy first copied every tensor once more).
+    """
+    clone = copy.copy(cache)
+    clone.layers = [copy.copy(layer) for layer in cache.layers]
+    clone.batch_repeat_interleave(times)
+    return clone
 
 
 @dataclass(frozen=True)
@@ -244,8 +252,7 @@ def _label_logprobs(model, batch: _Batch, answers: dict[str, list[int]], pad_id:
         feed[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
         feed_mask[i, : len(tokens) - 1] = 1
     device = batch.logits.device
-    cache = copy.deepcopy(batch.state.cache)
-    cache.batch_repeat_interleave(len(labels))
+    cache = repeated(batch.state.cache, len(labels))
     mask = torch.cat([batch.state.mask.repeat_interleave(len(labels), 0), feed_mask.to(device).repeat(rows, 1)], 1)
     positions = batch.state.next_position.repeat_interleave(len(labels))[:, None] + torch.arange(width, device=device)
     out = model(

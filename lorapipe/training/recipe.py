@@ -37,6 +37,7 @@ from lorapipe.labels import read_labels
 from lorapipe.models.loading import (
     Hardware,
     choose_hardware,
+    frozen_linears_in_bf16,
     load_causal_lm,
     load_tokenizer,
     sharded_launch,
@@ -276,7 +277,13 @@ def measure_precision(
                 loss.backward()
             peft_model.zero_grad(set_to_none=True)
 
-        measure = step_timer(step, len(batch["input_ids"]), warm_up=lambda precision: step(precision, WARM_UP_ROWS))
+        timer = step_timer(step, len(batch["input_ids"]), warm_up=lambda precision: step(precision, WARM_UP_ROWS))
+
+        def measure(precision: str) -> float:
+            # bf16 as training runs it: the frozen weights stored in bf16, not cast at every use.
+            with frozen_linears_in_bf16(peft_model) if precision == "bf16" else contextlib.nullcontext():
+                return timer(precision)
+
         try:
             choice = all_ranks_agree(choose_precision(measure))
         finally:
