@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= embedded
 
-.PHONY: setup repro test lint format profile remote clean-venv
+.PHONY: setup repro test lint format profile register remote clean-venv
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ format: setup
 # Switch params.yaml to another profile from profiles/ (then `dvc exp run` or `make repro`).
 profile: setup
 	$(BIN)/python -m lorapipe.cli.profiles $(PROFILE)
+
+# Register the adapters of this commit as VERSION (e.g. v1.0.0) with GTO; STAGE=prod also assigns a stage.
+register: setup
+	PATH="$(abspath $(BIN)):$$PATH" python -m lorapipe.cli.register --version $(VERSION) $(if $(STAGE),--stage $(STAGE))
 
 # A default DVC remote in a local folder (dvc push / dvc pull); STORAGE=... to choose where.
 STORAGE ?= $(abspath ..)/lorapipe-dvc-storage

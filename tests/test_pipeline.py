@@ -263,3 +263,71 @@ def test_queued_sweep_over_lora_rank_shows_in_exp_show(repo):
     for rank in (2, 4, 16):
         assert f"sweep-r{rank}" in table
     assert "sentiment.score.accuracy" in table
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_registered_versions_are_pulled_by_name_from_git_and_dvc_remotes(repo, tmp_path, monkeypatch):
+    """Register v1.0.0, retrain with another rank, register v1.1.0 as prod; from a folder that is no clone,
+    `dvc artifacts get` by version tag and by stage returns each version's bytes, through a local DVC remote and
+    through S3; `gto show` lists both versions."""
+    import boto3
+
+    from s3_server import moto_server
+
+    restore_head(repo)
+    origin = tmp_path / "registry.git"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
+    run(["git", "remote", "add", "registry", str(origin)], repo)
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    run(["dvc", "remote", "add", "-d", "-f", "local", str(tmp_path / "storage")], repo)
+    register = ["python", "-m", "lorapipe.cli.register", "--version"]
+    with moto_server() as endpoint:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="registry")
+        run(["dvc", "remote", "add", "-f", "s3", "s3://registry/store"], repo)
+        run(["dvc", "remote", "modify", "s3", "endpointurl", endpoint], repo)
+        run(["git", "commit", "-qam", "s3 remote on this server"], repo)
+        versions = {}
+        for version, rank in (("v1.0.0", None), ("v1.1.0", 4)):
+            if rank is not None:
+                params = yaml.safe_load((repo / "params.yaml").read_text())
+                params["lora"]["r"] = rank
+                (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+                run(["dvc", "repro"], repo)
+                run(["git", "add", "-A"], repo)
+                run(["git", "commit", "-qm", f"rank {rank}"], repo)
+            run([*register, version, *(["--stage", "prod"] if rank else [])], repo)
+            run(["git", "push", "-q", "registry", "main", "--tags"], repo)
+            run(["dvc", "push"], repo)
+            run(["dvc", "push", "-r", "s3"], repo)
+            versions[version] = folder_bytes(repo / "models" / "adapters" / "sentiment")
+        assert versions["v1.0.0"] != versions["v1.1.0"]
+
+        meta = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]["sentiment-adapter"]["meta"]
+        assert meta["base_model"] == "tiny-model" or meta["base_model"]
+        assert meta["base_source"]["kind"] == "local" and set(meta["data"]) == {"tweets", "instructions"}
+        score = json.loads((repo / "metrics" / "sentiment.json").read_text())["sentiment"]["score"]
+        assert meta["metrics"]["accuracy"] == round(score["accuracy"], 4)
+
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        get = ["dvc", "artifacts", "get", str(origin), "sentiment-adapter"]
+        run([*get, "--rev", "sentiment-adapter@v1.0.0", "-o", "v1"], elsewhere)
+        run([*get, "--stage", "prod", "-o", "prod"], elsewhere)
+        run([*get, "--rev", "sentiment-adapter@v1.0.0", "-o", "v1-s3", "--remote", "s3"], elsewhere)
+        assert folder_bytes(elsewhere / "v1") == versions["v1.0.0"] == folder_bytes(elsewhere / "v1-s3")
+        assert folder_bytes(elsewhere / "prod") == versions["v1.1.0"]
+
+    clone = tmp_path / "registry-clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    shown = json.loads(run(["gto", "show", "sentiment-adapter", "--json"], clone))
+    assert {entry["version"] for entry in shown} >= {"v1.0.0", "v1.1.0"}
+    stages = {entry["version"]: entry.get("stages") for entry in shown}
+    assert "prod" in str(stages["v1.1.0"]) and "prod" not in str(stages["v1.0.0"])

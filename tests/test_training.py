@@ -269,7 +269,7 @@ def test_a_checkpoint_cut_off_by_kill_9_is_removed_and_the_previous_one_resumed(
 
     train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
     with caplog.at_level(logging.WARNING):
-        summary = train_adapter(job, params.lora, train)
+        summary = train_adapter(job, params.lora.model_copy(update={"dropout": 0.0}), train)  # no random masks
     assert summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 6
     assert any("checkpoint-4: written only in part" in r.message for r in caplog.records)
     assert_same_adapter(job.adapter_out, uninterrupted(tmp_path, tiny_model, params, train))
@@ -380,7 +380,7 @@ def test_a_100000_character_row_is_dropped_or_cut_and_training_runs(tmp_path, ti
     for overlong in ("drop", "truncate"):
         job = make_job(tmp_path, tiny_model, params, name=overlong, live=False)
         train = params.train.model_copy(update={"overlong": overlong, "max_steps": 2})
-        summary = train_adapter(job, params.lora, train)
+        summary = train_adapter(job, params.lora.model_copy(update={"dropout": 0.0}), train)  # no random masks
         assert summary["overlong_records"] == 1 and summary["steps"] == 2
 
 
@@ -397,3 +397,83 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_clear_error(tmp_path, tiny
     with pytest.raises(PipelineError, match=r"checkpoints/sentiment: no space left on device while saving"):
         train_adapter(job, params.lora, train)
     assert not job.adapter_out.exists()
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_one_micro_batch_of_8_makes_the_update_of_4_accumulated_twice(tmp_path, tiny_model, params, shared_prefix):
+    """The seeds' 8 examples per optimizer step, as 8 x 1 or 4 x 2: the same gradient (plain SGD, so the update
+    is the gradient times the learning rate; LoRA B starts at zero, so B's change is all of the update)."""
+    from conftest import instruction_rows
+
+    rows = sentiment_rows(params.prompt, 4) + instruction_rows(params.prompt, 4)
+    adapters = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        train = params.train.model_copy(
+            update={
+                "batch_size": batch,
+                "gradient_accumulation_steps": accumulation,
+                "max_steps": 1,
+                "optim": "sgd",
+                "warmup_ratio": 0.0,
+                "weight_decay": 0.0,
+                "shared_prefix": shared_prefix,
+            }
+        )
+        job = make_job(tmp_path / f"x{batch}", tiny_model, params, live=False)
+        write_jsonl(job.train_file, rows)
+        summary = train_adapter(job, params.lora.model_copy(update={"dropout": 0.0}), train)  # no random masks
+        assert summary["steps"] == 1 and summary["examples"] == 8
+        adapters[batch] = load_file(job.adapter_out / "adapter_model.safetensors")
+    moved = [k for k in adapters[8] if "lora_B" in k]
+    assert moved and all(adapters[8][k].abs().max() > 1e-5 for k in moved)
+    for key in adapters[8]:
+        assert torch.allclose(adapters[8][key], adapters[4][key], rtol=1e-4, atol=1e-7), key
+
+
+def test_a_padding_free_batch_gives_the_padded_batch_loss_and_lora_gradients(tiny_model, params):
+    """TRL's padding-free collator (one row, position ids restarting per example) against the padded batch:
+    transformers reads the packed examples' boundaries from the position ids, so nothing attends across them."""
+    from peft import get_peft_model
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from conftest import instruction_rows
+    from lorapipe.training.recipe import lora_config
+
+    tokenizer = load_tokenizer(tiny_model)
+    rows = sentiment_rows(params.prompt, 2) + instruction_rows(params.prompt, 2)
+    examples = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(row["completion"][0]["content"], add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + answer_ids + [tokenizer.eos_token_id]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]  # the answer and the end of turn
+        examples.append({"input_ids": ids, "labels": labels})
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # padding is needed
+    torch.manual_seed(0)
+    model = get_peft_model(
+        load_for_inference(tiny_model).train(), lora_config(params.lora.model_copy(update={"dropout": 0.0}))
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)  # non-zero B, so A's gradients are not zero either
+    results = []
+    for padding_free in (False, True):
+        collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)
+        batch = collate([dict(e) for e in examples])
+        if padding_free:
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+            batch = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids", "labels")}
+        else:
+            batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss  # with a cache, transformers does not look for packing
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (padded_loss, padded), (free_loss, free) = results
+    assert torch.allclose(padded_loss, free_loss, rtol=1e-5), (padded_loss, free_loss)
+    assert padded.keys() == free.keys()
+    for name in padded:
+        scale = padded[name].abs().max()
+        assert scale > 0 and torch.allclose(padded[name], free[name], rtol=1e-4, atol=1e-5 * scale), name

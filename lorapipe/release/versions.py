@@ -1,0 +1,154 @@
+"""Registered adapter versions, the way DVC's model registry (GTO) keeps them: Git tags on the commit whose
+``dvc.lock`` pins the adapter's bytes, and ``meta`` in ``dvc.yaml`` saying what each adapter is and how well it did.
+
+A version is only registered for a commit whose results are its own: ``dvc.lock``, the params and the metrics
+committed, and every stage up to date, so ``dvc artifacts get --rev <tag>`` returns the adapter those metrics
+describe.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lorapipe.errors import PipelineError
+from lorapipe.io import read_json
+from lorapipe.models.model_card import CARD_FACTS
+
+log = logging.getLogger(__name__)
+
+HEADLINE_SENTIMENT = ("accuracy", "macro_f1", "f1")
+HEADLINE_TEXT = ("token_f1", "rouge_l", "bertscore_f1")
+
+
+def git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise PipelineError(f"git {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def model_artifacts(root: Path) -> dict[str, dict[str, Any]]:
+    """The model artifacts ``dvc.yaml`` declares (at the root, where GTO and ``dvc artifacts get`` look)."""
+    import yaml
+
+    declared = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("artifacts") or {}
+    models = {name: spec for name, spec in declared.items() if spec.get("type") == "model"}
+    if not models:
+        raise PipelineError(f"{root / 'dvc.yaml'}: artifacts: no artifact of type model to register")
+    return models
+
+
+def artifact_meta(root: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter is: its base model and revision, the data sources, and its headline figures, read from its
+    card, the fetch manifest and the metrics of the same run."""
+    adapter = root / spec["path"]
+    card, name = adapter / CARD_FACTS, adapter.name
+    if not card.is_file():
+        raise PipelineError(f"{card}: missing; run `dvc repro` (or `dvc pull`) before registering {spec['path']}")
+    facts = read_json(card)
+    source = {k: v for k, v in facts["base_model"].get("source", {}).items() if k not in ("format", "parameters")}
+    manifest = root / "data" / "raw" / "manifest.json"
+    data = {
+        kind: {
+            k: v
+            for k, v in fetched.items()
+            if k in ("kind", "id", "revision", "package", "version", "member", "path", "sha256_file", "rows")
+        }
+        for kind, fetched in (read_json(manifest) if manifest.is_file() else {}).items()
+    }
+    metrics: dict[str, Any] = {}
+    evaluation = root / "metrics" / f"{name}.json"
+    if evaluation.is_file():
+        scores = read_json(evaluation)
+        metrics.update({k: v for k, v in scores["sentiment"]["score"].items() if k in HEADLINE_SENTIMENT})
+        metrics.update({k: v for k, v in scores.get("instructions", {}).items() if k in HEADLINE_TEXT})
+    validation = facts.get("summary", {}).get("validation") or {}
+    if "accuracy" in validation:
+        metrics["validation_accuracy"] = validation["accuracy"]
+    return {
+        "base_model": facts["base_model"].get("name"),
+        "base_source": source,
+        "data": data,
+        "train_examples": facts.get("examples"),
+        "metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+    }
+
+
+def write_meta(root: Path, metas: dict[str, dict[str, Any]]) -> bool:
+    """Put each artifact's ``meta`` in ``dvc.yaml``, keeping its comments and layout; whether anything changed."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 120
+    path = root / "dvc.yaml"
+    document = yaml.load(path.read_text())
+    changed = False
+    for name, meta in metas.items():
+        entry = document["artifacts"][name]
+        if _plain(entry.get("meta")) != meta:
+            entry["meta"] = meta
+            changed = True
+    if changed:
+        with path.open("w") as out:
+            yaml.dump(document, out)
+    return changed
+
+
+def _plain(value: Any) -> Any:
+    """ruamel's round-trip containers as plain dicts and lists, to compare with freshly built meta."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def check_results_committed(root: Path) -> None:
+    """Refuse to register a commit whose workspace results are not the committed ones, or are stale."""
+    dirty = git(root, "status", "--porcelain", "--", "dvc.lock", "dvc.yaml", "params.yaml", "metrics").strip()
+    if dirty:
+        raise PipelineError(f"{root}: uncommitted results ({dirty.splitlines()[0].strip()} ...); commit them first")
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stale = repo.status()
+    if stale:
+        raise PipelineError(
+            f"{root / 'dvc.lock'}: stages not up to date ({', '.join(sorted(stale))}); run `dvc repro` (or "
+            "`dvc checkout`) and commit, so the registered adapter is the one its metrics describe"
+        )
+
+
+def register_adapters(root: Path, version: str, stage: str | None = None, push: bool = False) -> dict[str, str]:
+    """Register every model artifact of HEAD as ``version`` (and assign ``stage``); the tags made, by artifact.
+
+    First writes the artifacts' ``meta`` into ``dvc.yaml`` and commits it when it changed, so the tagged commit
+    carries it. ``push`` pushes the tags to ``origin`` and the artifacts' data to the default DVC remote.
+    """
+    from gto import api
+
+    check_results_committed(root)
+    artifacts = model_artifacts(root)
+    if write_meta(root, {name: artifact_meta(root, spec) for name, spec in artifacts.items()}):
+        git(root, "add", "dvc.yaml")
+        git(root, "commit", "-q", "-m", f"Artifact meta of the adapters registered as {version}")
+    tags = {}
+    for name in artifacts:
+        try:
+            api.register(root, name, "HEAD", version=version, message=f"{name} {version}", push=push)
+            tags[name] = f"{name}@{version}"
+            if stage:
+                api.assign(root, name, stage, version=version, message=f"{name} {version} to {stage}", push=push)
+        except Exception as err:  # gto's own errors: a version taken or lower than the last, a bad stage name
+            raise PipelineError(f"{name}: gto: {err}") from None
+        log.info("registered %s%s", tags[name], f" and assigned it to {stage}" if stage else "")
+    if push:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            repo.push(targets=[artifacts[name]["path"] for name in artifacts])
+    return tags
