@@ -311,7 +311,7 @@ def test_registered_versions_are_pulled_by_name_from_git_and_dvc_remotes(repo, t
         assert versions["v1.0.0"] != versions["v1.1.0"]
 
         meta = yaml.safe_load((repo / "dvc.yaml").read_text())["artifacts"]["sentiment-adapter"]["meta"]
-        assert meta["base_model"] == "tiny-model" or meta["base_model"]
+        assert meta["base_model"] == "tiny-llama" and meta["train_examples"] > 0
         assert meta["base_source"]["kind"] == "local" and set(meta["data"]) == {"tweets", "instructions"}
         score = json.loads((repo / "metrics" / "sentiment.json").read_text())["sentiment"]["score"]
         assert meta["metrics"]["accuracy"] == round(score["accuracy"], 4)
@@ -319,9 +319,9 @@ def test_registered_versions_are_pulled_by_name_from_git_and_dvc_remotes(repo, t
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         get = ["dvc", "artifacts", "get", str(origin), "sentiment-adapter"]
-        run([*get, "--rev", "sentiment-adapter@v1.0.0", "-o", "v1"], elsewhere)
+        run([*get, "--rev", "v1.0.0", "-o", "v1"], elsewhere)
         run([*get, "--stage", "prod", "-o", "prod"], elsewhere)
-        run([*get, "--rev", "sentiment-adapter@v1.0.0", "-o", "v1-s3", "--remote", "s3"], elsewhere)
+        run([*get, "--rev", "v1.0.0", "-o", "v1-s3", "--remote", "s3"], elsewhere)
         assert folder_bytes(elsewhere / "v1") == versions["v1.0.0"] == folder_bytes(elsewhere / "v1-s3")
         assert folder_bytes(elsewhere / "prod") == versions["v1.1.0"]
 

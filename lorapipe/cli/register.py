@@ -1,7 +1,7 @@
 """Register the adapters of the current commit as a version in DVC's model registry (GTO Git tags).
 
 python -m lorapipe.cli.register --version v1.0.0 [--stage prod] [--push]
-    then elsewhere: dvc artifacts get <repo-url> sentiment-adapter --rev sentiment-adapter@v1.0.0
+    then elsewhere: dvc artifacts get <repo-url> sentiment-adapter --rev v1.0.0
                     dvc artifacts get <repo-url> sentiment-adapter --stage prod;  gto show (in a clone)
 """
 
