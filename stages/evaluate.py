@@ -25,6 +25,7 @@ from lorapipe.evaluation.evaluate import (
     load_sentiment,
     write_outputs,
 )
+from lorapipe.evaluation.kernels import use_faster_fp32_kernel
 from lorapipe.host import shared_cores
 from lorapipe.io import run_stage
 from lorapipe.models.adapters import load_adapted
@@ -68,7 +69,10 @@ def main() -> None:
             log.info(
                 "loaded %s%s in %.1f s", args.base, f" + {adapter}" if adapter else "", time.perf_counter() - started
             )
+            kernel = use_faster_fp32_kernel(model, params.precision)
             outputs = evaluate_model(model, tokenizer, data, params)
+        if kernel is not None:
+            outputs.metrics["fp32_kernel"] = kernel
         outputs.metrics["scored_on"] = on.describe(model.dtype, adapter is not None)
         write_outputs(outputs, args.metrics, args.predictions)
 

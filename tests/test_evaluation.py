@@ -510,3 +510,29 @@ def test_an_adapter_is_scored_on_the_base_its_training_recorded(tmp_path):
     assert scoring_base(adapter, as_trained=False, cuda=True) == ScoringBase()
     with pytest.raises(PipelineError, match="trained on the 4-bit base"):
         scoring_base(adapter, cuda=False)
+
+
+@pytest.mark.parametrize("faster", ["mkl", "onednn"])
+def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_ones(taught_model, faster):
+    from lorapipe.evaluation.kernels import KERNELS, time_kernel, use_faster_fp32_kernel
+
+    model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model, padding_side="left")
+    before = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    rates = {kernel: 10.0 if kernel == faster else 5.0 for kernel in KERNELS}  # injected timings
+    chosen = use_faster_fp32_kernel(model, "fp32", measure=rates.get)
+    assert chosen == {"kernel": faster, "gflops": rates}
+    patched = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)]
+    assert len(patched) == (0 if faster == "mkl" else sum(isinstance(m, torch.nn.Linear) for m in model.modules()))
+    after = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    for old, new in zip(before, after, strict=True):
+        assert (new.score_label, new.answer) == (old.score_label, old.answer)
+        assert all(abs(new.logprobs[label] - old.logprobs[label]) < 1e-4 for label in LABELS)
+    assert all(time_kernel(model, kernel, repeats=1) > 0 for kernel in KERNELS)  # both time on a real model
+
+
+def test_bf16_inference_keeps_torch_s_own_kernels(taught_model):
+    from lorapipe.evaluation.kernels import use_faster_fp32_kernel
+
+    model = load_for_inference(taught_model)
+    assert use_faster_fp32_kernel(model, "bf16", measure=lambda kernel: 1.0 / 0) is None
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
