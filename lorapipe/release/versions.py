@@ -78,33 +78,27 @@ def artifact_meta(root: Path, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_meta(root: Path, metas: dict[str, dict[str, Any]]) -> bool:
-    """Put each artifact's ``meta`` in ``dvc.yaml``, keeping its comments and layout; whether anything changed."""
-    from ruamel.yaml import YAML
+    """Put each artifact's ``meta`` in ``dvc.yaml``; whether anything changed.
 
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 120
+    Only the top-level ``artifacts:`` block is rewritten: the stages, their layout and comments stay as written.
+    """
+    import yaml
+
     path = root / "dvc.yaml"
-    document = yaml.load(path.read_text())
+    text = path.read_text()
+    artifacts = yaml.safe_load(text)["artifacts"]
     changed = False
     for name, meta in metas.items():
-        entry = document["artifacts"][name]
-        if _plain(entry.get("meta")) != meta:
-            entry["meta"] = meta
+        if artifacts[name].get("meta") != meta:
+            artifacts[name]["meta"] = meta
             changed = True
     if changed:
-        with path.open("w") as out:
-            yaml.dump(document, out)
+        lines = text.splitlines(keepends=True)
+        start = next(i for i, line in enumerate(lines) if line.startswith("artifacts:"))
+        end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in (" ", "#", "\n", "")), len(lines))
+        block = yaml.safe_dump({"artifacts": artifacts}, sort_keys=False, default_flow_style=None, width=110)
+        path.write_text("".join(lines[:start]) + block + "".join(lines[end:]))
     return changed
-
-
-def _plain(value: Any) -> Any:
-    """ruamel's round-trip containers as plain dicts and lists, to compare with freshly built meta."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def check_results_committed(root: Path) -> None:
