@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from conftest import NEGATIVE, POSITIVE, build_tiny_tokenizer  # noqa: E402
+from conftest import NEGATIVE, POSITIVE, build_tiny_tokenizer, copy_tracked_files  # noqa: E402
 
 STAGES = [
     "validate",
@@ -134,12 +134,7 @@ def study_params(model: Path, tweets: Path, instructions: Path, examples: int, c
 
 def build_repository(work: Path, params: dict) -> Path:
     """A Git + DVC copy of the repository's tracked files with ``params`` as params.yaml."""
-    repo = work / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name != "dvc.lock" and (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
+    repo = copy_tracked_files(work / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "study"]):
         subprocess.run(command, cwd=repo, check=True, capture_output=True, env=environment())

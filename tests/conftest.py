@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ CORPUS = (
         "Summarise the text in one line.",
     ]
 )
+
+
+def copy_tracked_files(work: Path) -> Path:
+    """``work`` as a copy of the repository's Git-tracked files, without dvc.lock (its results are not the copy's)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in listed:
+        if name != "dvc.lock" and (ROOT / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, work / name)
+    return work
 
 
 def build_tiny_tokenizer():

@@ -10,6 +10,13 @@ import threading
 import time
 from collections.abc import Iterator
 
+# What boto3 and DVC's S3 plugin need to sign requests to the local server (moto accepts any).
+TEST_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import random
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from test_pipeline import run, stages_run
 
-from conftest import ROOT, build_tiny_model, tiny_params, write_instructions_json
+from conftest import build_tiny_model, copy_tracked_files, tiny_params, write_instructions_json
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +62,7 @@ def my_profile(tickets: Path, tiny: Path, instructions: Path) -> dict:
 
 
 def test_a_local_csv_with_four_labels_runs_end_to_end(tmp_path):
-    work = tmp_path / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name != "dvc.lock" and (ROOT / name).exists():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, work / name)
+    work = copy_tracked_files(tmp_path / "repo")
     profile = my_profile(
         write_tickets(tmp_path / "tickets.csv"),
         build_tiny_model(tmp_path / "tiny-model"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, build_tiny_model, tiny_params, write_instructions_json, write_tweets_csv
+from conftest import build_tiny_model, copy_tracked_files, tiny_params, write_instructions_json, write_tweets_csv
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +40,7 @@ def stages_run(output: str) -> set[str]:
 def repo(tmp_path_factory) -> Path:
     """A git + DVC copy of the project's tracked files with a tiny profile as params.yaml."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    work = tmp / "repo"
-    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for name in tracked:
-        if name in ("dvc.lock",) or not (ROOT / name).exists():
-            continue
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, work / name)
+    work = copy_tracked_files(tmp / "repo")
     model = build_tiny_model(tmp / "tiny-model")
     params = tiny_params(model, write_tweets_csv(tmp / "tweets.csv"), write_instructions_json(tmp / "instr.json"))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -209,13 +202,9 @@ def exp_ref(repo: Path, name: str) -> str:
 def test_s3_push_interrupted_then_retried_and_pulled_into_a_fresh_clone(repo, tmp_path, monkeypatch):
     import boto3
 
-    from s3_server import CuttableProxy, moto_server
+    from s3_server import TEST_CREDENTIALS, CuttableProxy, moto_server
 
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    for key, value in TEST_CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     with moto_server() as endpoint:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="adapters")
@@ -275,17 +264,13 @@ def test_registered_versions_are_pulled_by_name_from_git_and_dvc_remotes(repo, t
     through S3; `gto show` lists both versions."""
     import boto3
 
-    from s3_server import moto_server
+    from s3_server import TEST_CREDENTIALS, moto_server
 
     restore_head(repo)
     origin = tmp_path / "registry.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], tmp_path)
     run(["git", "remote", "add", "registry", str(origin)], repo)
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "k",
-        "AWS_SECRET_ACCESS_KEY": "s",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    for key, value in TEST_CREDENTIALS.items():
         monkeypatch.setenv(key, value)
     run(["dvc", "remote", "add", "-d", "-f", "local", str(tmp_path / "storage")], repo)
     register = ["python", "-m", "lorapipe.cli.register", "--version"]
