@@ -191,9 +191,11 @@ def bound_onednn_cache() -> None:
     On a CPU, bf16 autocast matmuls run through oneDNN, which caches a primitive (with its scratch and reordered
     weights) per shape, up to 1,024 of them. Batches of ever-changing lengths make new shapes at every step, so
     the cache, not the activations, made the mixed train stage's RSS creep from 2.1 to 3.3 GiB over its 82 steps
-    (README: Your machine). oneDNN reads the variable when it creates its first primitive, so this must run
-    before the first matmul. 8 entries cost 30 % of the speed on an AMD EPYC; on an Intel Xeon with AMX, 128 still
-    peaked at 3,006-3,103 MiB where 16 and 32 peaked at 2,741-2,745 MiB at the same speed (README: Your machine).
+    (README: Your machine). Evaluation's fp32 kernel is oneDNN's too (``evaluation.kernels``), and its prompts
+    come in as many lengths: base's eval stage peaked at 3,161 MiB uncapped, 2,445 capped. oneDNN reads it when it
+    creates its first primitive, so this must run before the first matmul. 8 entries cost 30 % of the speed on an
+    AMD EPYC; on an Intel Xeon with AMX, 128 still peaked at 3,006-3,103 MiB where 16 and 32 peaked at 2,741-2,745
+    MiB at the same speed (README: Your machine).
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 

@@ -26,7 +26,7 @@ from lorapipe.evaluation.evaluate import (
     write_outputs,
 )
 from lorapipe.evaluation.kernels import use_faster_fp32_kernel
-from lorapipe.host import shared_cores
+from lorapipe.host import bound_onednn_cache, shared_cores
 from lorapipe.io import run_stage
 from lorapipe.models.adapters import load_adapted
 from lorapipe.models.loading import load_tokenizer, require_adapter, tokenizer_dir
@@ -54,6 +54,7 @@ def main() -> None:
         parser.error("--baseline-train, --baseline-metrics and --baseline-predictions go together")
 
     def body() -> None:
+        bound_onednn_cache()  # before the first matmul (merging an adapter is one)
         params = load_params(args.params).eval
         adapter = require_adapter(args.adapter) if args.adapter else None
         data = load_eval_data(args.labels, args.tweets, args.instructions, args.out_of_sample, params)

@@ -34,6 +34,7 @@ from lorapipe.evaluation.evaluate import (
 )
 from lorapipe.io import read_json, read_jsonl, write_json, write_jsonl
 from lorapipe.labels import LabelSet, write_labels
+from lorapipe.models import decoding
 from lorapipe.models.adapters import ScoringBase, scoring_base
 from lorapipe.models.decoding import (
     answer_ids,
@@ -42,6 +43,7 @@ from lorapipe.models.decoding import (
     fit_prompts,
     generate_answers,
     predict_sentiment,
+    prefill_passes,
     render,
     score_labels,
     stop_ids,
@@ -163,6 +165,18 @@ def unpadded_logprob(model, tokenizer, conversation, label: str) -> float:
     return sum(logprobs[len(prompt) - 1 + k, token].item() for k, token in enumerate(answer))
 
 
+def test_prefill_passes_bound_the_padding_and_cover_every_row_in_order():
+    assert prefill_passes([30, 31, 33, 34]) == [range(0, 4)]
+    assert prefill_passes([12, 13, 14, 180]) == [range(0, 3), range(3, 4)]
+    lengths = sorted(torch.randint(1, 200, (300,), generator=torch.Generator().manual_seed(0)).tolist())
+    passes = prefill_passes(lengths)
+    assert [i for rows in passes for i in rows] == list(range(len(lengths)))
+    for rows in passes:
+        width, real = lengths[rows.stop - 1], sum(lengths[i] for i in rows)
+        assert len(rows) * width <= 1.25 * real
+    assert sum(len(rows) * lengths[rows.stop - 1] for rows in passes) < 0.7 * len(lengths) * max(lengths)
+
+
 def test_common_prefix_length_leaves_a_token_in_each():
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
@@ -220,9 +234,15 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
     if extra_stop:  # rows answering "positive" stop at once and leave the batch; the others go on
         model.generation_config.eos_token_id = [tokenizer.eos_token_id, *encode(tokenizer, [extra_stop])[0]]
     stops = stop_ids(model, tokenizer)
+    long_input = " ".join(["The sea is wide and blue."] * 12)  # prefilled in a pass of its own, then merged
     prompts = (
-        conversations()[:5] + conversations()[-3:] + [instruction_prompt(i, x, PROMPT) for i, x, _ in INSTRUCTIONS]
+        conversations()[:5]
+        + conversations()[-3:]
+        + [instruction_prompt(i, x, PROMPT) for i, x, _ in [*INSTRUCTIONS, ("Summarise the text.", long_input, "")]]
     )
+    passes = []
+    prefill_pass = decoding._prefill_pass
+    monkeypatch.setattr(decoding, "_prefill_pass", lambda m, p, s, i: passes.append(len(s)) or prefill_pass(m, p, s, i))
     inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.inference_mode():
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
@@ -237,6 +257,7 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
         assert answers.texts == expected
         assert answers.new_tokens == new_tokens
     assert bool(dropped) == bool(extra_stop)  # finished rows left their batch mid-way
+    assert 1 in passes and len(passes) > 2 * 3  # 3 batches of 4 each way; the long prompt in a pass alone
 
 
 def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full_answer_s(tiny_model, tmp_path):
@@ -253,9 +274,23 @@ def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full
     assert stopped_early == len(prompts)  # "positive." and no more: the rest cannot change the label
 
 
-def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model):
+def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model, monkeypatch):
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
+    greedy = generate_answers(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4).texts
+    decoded = []
+    decode = decoding._greedy
+    monkeypatch.setattr(
+        decoding, "_greedy", lambda model, logits, *rest: decoded.append(len(logits)) or decode(model, logits, *rest)
+    )
     shared = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    # A label's token, then the end of the turn: the label pass already holds that, so no row decodes on.
+    assert decoded == [] and [p.answer for p in shared] == greedy
+    decide = decoding._answers_on_label_paths
+    every_other = lambda *args: [None if j % 2 else tokens for j, tokens in enumerate(decide(*args))]  # noqa: E731
+    monkeypatch.setattr(decoding, "_answers_on_label_paths", every_other)
+    mixed = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    # The odd rows of batches of 5, 5 and 2 wait for one another and decode together.
+    assert decoded == [5] and [p.answer for p in mixed] == greedy
     plain = predict_sentiment(
         model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4, share_prefix=False
     )

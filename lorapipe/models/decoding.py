@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,11 @@ from lorapipe.labels import LabelSet
 from lorapipe.records import Conversation
 
 log = logging.getLogger(__name__)
+
+PASS_SLACK = 0.25  # a prefill pass runs at most 25 % padding
+# Open answers to tweets are decoded together once this many wait: a greedy step of 16 rows costs about what one
+# of 64 does on a CPU (the weights are read either way), and most of a chatty model's rows end within 2 tokens.
+GREEDY_ROWS = 96
 
 
 @dataclass(frozen=True)
@@ -103,14 +108,17 @@ class Prefix:
 
 
 def repeated(cache, times: int):
-    """A new cache with each row of ``cache`` repeated ``times`` times; ``cache`` itself is left as it is.
+    """A new cache with each row of ``cache`` repeated ``times`` times; ``cache`` itself is left as it is."""
+    clone = shallow_copy(cache)
+    clone.batch_repeat_interleave(times)
+    return clone
 
-    A shallow copy of the cache and its layers is enough: repeating, and every later forward, puts new tensors in
-    the copy's layers rather than writing into the old ones (a deep copy first copied every tensor once more).
-    """
+
+def shallow_copy(cache):
+    """A cache that a forward can extend while ``cache`` stays as it is: a shallow copy of it and its layers is
+    enough, as every update puts new tensors in the copy's layers rather than writing into the old ones."""
     clone = copy.copy(cache)
     clone.layers = [copy.copy(layer) for layer in cache.layers]
-    clone.batch_repeat_interleave(times)
     return clone
 
 
@@ -125,10 +133,8 @@ class _Batch:
     state: _State
 
 
-def _prefill(
-    model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int, keep: int = 1
-) -> tuple[torch.Tensor, _State]:
-    """Run ``[prefix | pad | suffix]`` rows; return the logits of the last ``keep`` columns and the decoding state."""
+def _prefill_pass(model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, _State]:
+    """Run ``[prefix | pad | suffix]`` rows; return the next-token logits of each row and the decoding state."""
     width = max(len(s) for s in suffixes)
     ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
     suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
@@ -145,9 +151,65 @@ def _prefill(
         position_ids=positions,
         past_key_values=prefix.for_batch(len(suffixes)),
         use_cache=True,
-        logits_to_keep=keep,
+        logits_to_keep=1,
     )
-    return out.logits, _State(out.past_key_values, mask, positions[:, -1] + 1)
+    return out.logits[:, -1], _State(out.past_key_values, mask, positions[:, -1] + 1)
+
+
+def prefill_passes(lengths: Sequence[int], slack: float = PASS_SLACK) -> list[range]:
+    """Ascending ``lengths`` cut into consecutive passes whose padded tokens are at most ``1 + slack`` times
+    their real ones, each as large as that allows (built from the longest row down)."""
+    passes, end = [], len(lengths)
+    while end > 0:
+        start, real = end - 1, lengths[end - 1]
+        while start > 0 and (end - start + 1) * lengths[end - 1] <= (1 + slack) * (real + lengths[start - 1]):
+            start -= 1
+            real += lengths[start]
+        passes.append(range(start, end))
+        end = start
+    return passes[::-1]
+
+
+def _widened(tensor: torch.Tensor, at: int, pads: int, dim: int) -> torch.Tensor:
+    """``tensor`` with ``pads`` zeros inserted before index ``at`` of ``dim``."""
+    if pads == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = pads
+    head, tail = tensor.narrow(dim, 0, at), tensor.narrow(dim, at, tensor.shape[dim] - at)
+    return torch.cat([head, tensor.new_zeros(shape), tail], dim=dim)
+
+
+def _merged(states: list[_State], prefix_length: int) -> _State:
+    """One decoding state for the rows of several states, in order, each padded after the shared prefix (masked
+    keys and values of zeros) to the widest one's length. Consumes ``states``: each layer's old tensors are let
+    go as soon as that layer is merged, so the merge holds one copy of the cache, not two."""
+    if len(states) == 1:
+        return states[0]
+    width = max(state.mask.shape[1] for state in states)
+    pads = [width - state.mask.shape[1] for state in states]
+
+    def widened(tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat([_widened(t, prefix_length, n, dim) for t, n in zip(tensors, pads, strict=True)])
+
+    cache = states[0].cache
+    for layer, *parts in zip(cache.layers, *(state.cache.layers for state in states), strict=True):
+        layer.keys, layer.values = widened((p.keys for p in parts), 2), widened((p.values for p in parts), 2)
+        for part in parts[1:]:
+            part.keys = part.values = None
+    mask = widened((state.mask for state in states), 1)
+    return _State(cache, mask, torch.cat([state.next_position for state in states]))
+
+
+def _prefill(model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, _State]:
+    """Rows of ascending length prefilled in passes of little padding (:func:`prefill_passes`), merged into one
+    decoding state: a batch of short instructions and a long one no longer runs every row at the long one's
+    length. Returns each row's next-token logits and the state."""
+    results = [
+        _prefill_pass(model, prefix, suffixes[rows.start : rows.stop], pad_id)
+        for rows in prefill_passes([len(s) for s in suffixes])
+    ]
+    return torch.cat([logits for logits, _ in results]), _merged([state for _, state in results], prefix.length)
 
 
 def _prefilled_batches(
@@ -163,7 +225,7 @@ def _prefilled_batches(
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
         logits, state = _prefill(model, prefix, suffixes, pad_id)
-        yield _Batch(rows, prefix, suffixes, logits[:, -1], state)
+        yield _Batch(rows, prefix, suffixes, logits, state)
         done += len(rows)
         log.info("%s: %d/%d (%.1f examples/s)", what, done, len(ids), done / (time.perf_counter() - started))
 
@@ -236,38 +298,64 @@ def answer_ids(tokenizer, conversation: Conversation, label: str, stops: set[int
     return tail[: end + 1]
 
 
-def _label_logprobs(model, batch: _Batch, answers: dict[str, list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Log-likelihood of each label as the whole answer: its tokens and the end-of-turn token after them.
+def _label_logprobs(
+    model, batch: _Batch, answers: dict[str, list[int]]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Log-likelihood of each label as the whole answer: its tokens and the end-of-turn token after them; and
+    each row's greedy next token after each label's first token (rows x labels), which often ends the answer.
 
-    The first token's comes from the prefill's logits; the rest from one teacher-forced pass over every label at
-    once, each batch row repeated once per label on a copy of the row's KV cache (a label of one token needs
-    that pass too: for its end-of-turn token, so that "pos" cannot win over "positive").
+    The first token's comes from the prefill's logits; the rest from one teacher-forced pass that feeds every
+    label's tokens side by side after each row's prompt, each label seeing the prompt and its own earlier tokens
+    only (a label of one token needs that pass too: for its end-of-turn token, so that "pos" cannot win over
+    "positive"). No row's cache is copied per label.
     """
     first = torch.log_softmax(batch.logits.float(), dim=-1)
-    labels, rows = list(answers), len(batch.rows)
-    width = max(len(tokens) for tokens in answers.values()) - 1  # every token but the last is fed
-    feed = torch.full((len(labels), width), pad_id, dtype=torch.long)
-    feed_mask = torch.zeros((len(labels), width), dtype=torch.long)
-    for i, tokens in enumerate(answers.values()):
-        feed[i, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-        feed_mask[i, : len(tokens) - 1] = 1
-    device = batch.logits.device
-    cache = repeated(batch.state.cache, len(labels))
-    mask = torch.cat([batch.state.mask.repeat_interleave(len(labels), 0), feed_mask.to(device).repeat(rows, 1)], 1)
-    positions = batch.state.next_position.repeat_interleave(len(labels))[:, None] + torch.arange(width, device=device)
+    device, rows = batch.logits.device, len(batch.rows)
+    fed = [tokens[:-1] for tokens in answers.values()]  # every token but the last is fed
+    label_of = torch.tensor([i for i, tokens in enumerate(fed) for _ in tokens], device=device)
+    offset = torch.tensor([j for tokens in fed for j in range(len(tokens))], device=device)
+    width = len(offset)
+    own = (label_of[:, None] == label_of[None, :]) & (offset[:, None] >= offset[None, :])
+    sees = torch.cat([batch.state.mask.bool()[:, None, :].expand(-1, width, -1), own.expand(rows, -1, -1)], dim=2)
+    mask = torch.zeros(sees.shape, dtype=model.dtype, device=device).masked_fill_(~sees, torch.finfo(model.dtype).min)
     out = model(
-        input_ids=feed.to(device).repeat(rows, 1),
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
+        input_ids=torch.tensor([token for tokens in fed for token in tokens], device=device).expand(rows, -1),
+        attention_mask=mask[:, None],  # (rows, 1, fed tokens, prompt + fed tokens), used as it is
+        position_ids=batch.state.next_position[:, None] + offset,
+        past_key_values=shallow_copy(batch.state.cache),
         use_cache=True,
     )
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1).view(rows, len(labels), width, -1)
-    scores = {}
-    for i, (label, tokens) in enumerate(answers.items()):
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+    scores, starts, start = {}, [], 0
+    for (label, tokens), fed_tokens in zip(answers.items(), fed, strict=True):
         rest = torch.tensor(tokens[1:], device=device)
-        scores[label] = first[:, tokens[0]] + logprobs[:, i, torch.arange(len(rest)), rest].sum(-1)
-    return scores
+        scores[label] = first[:, tokens[0]] + logprobs[:, start + torch.arange(len(rest)), rest].sum(-1)
+        starts.append(start)
+        start += len(fed_tokens)
+    return scores, out.logits[:, starts].argmax(-1)
+
+
+def _answers_on_label_paths(
+    batch: _Batch, answers: dict[str, list[int]], after_first: torch.Tensor, stops: set[int]
+) -> list[list[int] | None]:
+    """The greedy answers that the prefill and the label pass already decide, None for the others: an answer
+    that ends at once, or a label's first token followed by the end of the turn (a trained model's answer)."""
+    firsts = [tokens[0] for tokens in answers.values()]
+    decided: list[list[int] | None] = []
+    for token, after in zip(batch.logits.argmax(-1).tolist(), after_first.tolist(), strict=True):
+        on = firsts.index(token) if token in firsts else None
+        decided.append([] if token in stops else [token] if on is not None and after[on] in stops else None)
+    return decided
+
+
+def _rows(logits: torch.Tensor, state: _State, rows: list[int]) -> tuple[torch.Tensor, _State]:
+    """The logits and decoding state of ``rows`` only (all of them: as they are)."""
+    if len(rows) == len(logits):
+        return logits, state
+    keep = torch.tensor(rows, device=logits.device)
+    cache = shallow_copy(state.cache)
+    cache.batch_select_indices(keep)
+    return logits[keep], _State(cache, state.mask[keep], state.next_position[keep])
 
 
 def _pad_id(tokenizer) -> int:
@@ -282,13 +370,14 @@ def _label_scored_batches(
     batch_size: int,
     share_prefix: bool,
     max_prompt_tokens: int | None,
-) -> tuple[list[bool], set[int], Iterator[tuple[_Batch, dict[str, torch.Tensor]]]]:
-    """Which prompts were cut, the stop tokens, and the prefilled batches with each label's log-likelihood."""
+) -> tuple[list[bool], set[int], dict[str, list[int]], Iterator[tuple[_Batch, dict[str, torch.Tensor], torch.Tensor]]]:
+    """Which prompts were cut, the stop tokens, each label's answer tokens, and the prefilled batches with each
+    label's log-likelihood and the greedy token after each label's first token."""
     ids, cut = fit_prompts(encode(tokenizer, render(tokenizer, conversations)), max_prompt_tokens)
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     answers = {label: answer_ids(tokenizer, conversations[0], label, stops) for label in label_set.labels}
     batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment")
-    return cut, stops, ((batch, _label_logprobs(model, batch, answers, pad_id)) for batch in batches)
+    return cut, stops, answers, ((batch, *_label_logprobs(model, batch, answers)) for batch in batches)
 
 
 @torch.no_grad()
@@ -307,10 +396,10 @@ def score_labels(
     """
     results: list[dict[str, float] | None] = [None] * len(conversations)
     label_set = LabelSet(tuple(labels))
-    _, _, scored = _label_scored_batches(
+    *_, scored = _label_scored_batches(
         model, tokenizer, conversations, label_set, batch_size, share_prefix, max_prompt_tokens
     )
-    for batch, scores in scored:
+    for batch, scores, _ in scored:
         for j, row in enumerate(batch.rows):
             results[row] = {label: float(scores[label][j]) for label in label_set.labels}
     return results
@@ -335,26 +424,49 @@ def predict_sentiment(
     the full answer's.
     """
     label_set = LabelSet(tuple(labels))
-    cut, stops, scored = _label_scored_batches(
+    cut, stops, answers, scored = _label_scored_batches(
         model, tokenizer, conversations, label_set, batch_size, share_prefix, max_prompt_tokens
     )
-    results: list[SentimentPrediction | None] = [None] * len(conversations)
     settled = lambda tokens: label_set.is_settled(tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: E731
-    for batch, scores in scored:
-        generated = _greedy(
-            model, batch.logits, batch.state, max_new_tokens, stops, settled if stop_when_settled else None
-        )
+    finished = settled if stop_when_settled else None
+    logprobs: dict[int, dict[str, float]] = {}
+    tokens: dict[int, list[int]] = {}
+    waiting: list[tuple[list[int], torch.Tensor, _State]] = []  # (input rows, logits, state) of open answers
+
+    def decode_waiting(prefix_length: int) -> None:
+        rows = [row for waited, _, _ in waiting for row in waited]
+        logits, state = torch.cat([w[1] for w in waiting]), _merged([w[2] for w in waiting], prefix_length)
+        waiting.clear()
+        for row, decoded in zip(rows, _greedy(model, logits, state, max_new_tokens, stops, finished), strict=True):
+            tokens[row] = decoded
+
+    for batch, scores, after_first in scored:
+        decided = _answers_on_label_paths(batch, answers, after_first, stops)
         for j, row in enumerate(batch.rows):
-            logprobs = {label: float(scores[label][j]) for label in label_set.labels}
-            answer = tokenizer.decode(generated[j], skip_special_tokens=True).strip()
-            results[row] = SentimentPrediction(
-                logprobs,
-                max(logprobs, key=logprobs.get),
+            logprobs[row] = {label: float(scores[label][j]) for label in label_set.labels}
+            if decided[j] is not None:
+                tokens[row] = decided[j]
+        open_rows = [j for j, answer in enumerate(decided) if answer is None]
+        if open_rows:  # decoded on from the prefill, several batches' open answers together
+            waiting.append(([batch.rows[j] for j in open_rows], *_rows(batch.logits, batch.state, open_rows)))
+        if sum(len(rows) for rows, _, _ in waiting) >= GREEDY_ROWS:
+            decode_waiting(batch.prefix.length)
+    if waiting:
+        decode_waiting(batch.prefix.length)
+    results = []
+    for row in range(len(conversations)):
+        answer = tokenizer.decode(tokens[row], skip_special_tokens=True).strip()
+        scored_row = logprobs[row]
+        results.append(
+            SentimentPrediction(
+                scored_row,
+                max(scored_row, key=scored_row.get),
                 answer,
                 label_set.parse(answer),
                 cut[row],
                 len(label_set.named(answer)),
             )
+        )
     return results
 
 
