@@ -1,3 +1,4 @@
+import copy
 import csv
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from conftest import (
     INSTRUCTIONS,
@@ -175,6 +177,27 @@ def test_prefill_passes_bound_the_padding_and_cover_every_row_in_order():
         width, real = lengths[rows.stop - 1], sum(lengths[i] for i in rows)
         assert len(rows) * width <= 1.25 * real
     assert sum(len(rows) * lengths[rows.stop - 1] for rows in passes) < 0.7 * len(lengths) * max(lengths)
+
+
+def test_a_roomy_cache_layer_holds_what_a_growing_one_does_and_writes_in_place():
+    torch.manual_seed(0)
+    growing = DynamicLayer()
+    growing.update(torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8))
+    roomy = decoding._RoomyLayer.with_room(growing, 3)
+    growing = copy.copy(growing)
+    room = roomy.key_room
+    for step in range(6):  # 3 steps in the room, then out of it
+        if step == 2:
+            keep = torch.tensor([0, 2, 3])
+            growing.batch_select_indices(keep), roomy.batch_select_indices(keep)
+        new = torch.randn(len(growing.keys), 2, 1, 8), torch.randn(len(growing.keys), 2, 1, 8)
+        for held, got in zip(growing.update(*new), roomy.update(*new), strict=True):
+            assert torch.equal(held, got)
+        assert roomy.get_seq_length() == growing.get_seq_length() == 6 + step
+        if step == 1:
+            assert roomy.key_room is room  # written in place, not concatenated anew
+    sliding = DynamicSlidingWindowLayer(sliding_window=4)
+    assert decoding._RoomyLayer.with_room(sliding, 3) is sliding
 
 
 def test_common_prefix_length_leaves_a_token_in_each():
