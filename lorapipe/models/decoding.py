@@ -292,13 +292,17 @@ def _greedy(
     finished: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding on from prefilled next-token logits; each row's tokens up to (not including) a stop token.
+    Consumes ``state``: its cache's tensors move into the decoding cache.
 
     A row that stops, or whose tokens ``finished`` accepts, leaves the batch (and the cache), so long answers
     do not drag finished ones along.
     """
     stop = torch.tensor(sorted(stops), device=logits.device)
     cache, mask, position = shallow_copy(state.cache), state.mask, state.next_position
-    cache.layers = [_RoomyLayer.with_room(layer, max_new_tokens) for layer in cache.layers]
+    for i, layer in enumerate(cache.layers):  # one layer at a time, letting the old go: one copy of the cache
+        cache.layers[i] = _RoomyLayer.with_room(layer, max_new_tokens)
+        if cache.layers[i] is not layer:
+            layer.keys = layer.values = None
     live = list(range(logits.shape[0]))
     tokens: list[list[int]] = [[] for _ in live]
     token = logits.argmax(-1)
