@@ -10,7 +10,10 @@ threads as there are cores made a training step 8-11x slower.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
+import functools
 import logging
 import os
 import resource
@@ -198,6 +201,24 @@ def bound_onednn_cache() -> None:
     MiB at the same speed (README: Your machine).
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def release_free_memory() -> None:
+    """Hand the memory the allocator holds free back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Evaluation's batches allocate and free tensors of ever-changing sizes, and glibc kept the freed pages:
+    eval_base crept from 1.9 to 3.0-3.2 GiB resident while far less was live. Trimming between batches and
+    after the decoding cache drops rows brings it down (README: Your machine).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def peak_rss_mib() -> float:

@@ -178,3 +178,19 @@ def test_the_onednn_cache_is_bounded_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
     bound_onednn_cache()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_free_memory_goes_back_to_the_system_after_a_large_free():
+    from lorapipe.host import release_free_memory
+
+    def resident_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    blocks = [bytearray(64 * 1024) for _ in range(4096)]  # 256 MiB in pieces below glibc's mmap threshold
+    keep = blocks[-1]  # the top of the heap stays in use: only trimming inside the heap can release the rest
+    del blocks
+    before = resident_mib()
+    release_free_memory()
+    assert resident_mib() < before - 128
+    assert keep

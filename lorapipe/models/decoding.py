@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from lorapipe.host import refresh_threads
+from lorapipe.host import refresh_threads, release_free_memory
 from lorapipe.labels import LabelSet
 from lorapipe.records import Conversation
 
@@ -223,6 +223,7 @@ def _prefilled_batches(
     log.info("%s: %d prompts, %d shared prefix tokens, batches of %d", what, len(ids), prefix.length, batch_size)
     for start in range(0, len(order), batch_size):
         refresh_threads()
+        release_free_memory()
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
         logits, state = _prefill(model, prefix, suffixes, pad_id)
@@ -317,6 +318,7 @@ def _greedy(
         if not going.all():
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
+            release_free_memory()  # the old, wider cache
             mask, position, token = mask[keep], position[keep], token[keep]
             live = [live[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
