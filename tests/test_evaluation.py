@@ -16,6 +16,7 @@ from conftest import (
     LABELS,
     ROOT,
     TWEETS,
+    build_tiny_tokenizer,
     instruction_rows,
     tiny_params,
     tweet_records,
@@ -281,6 +282,36 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
         assert answers.new_tokens == new_tokens
     assert bool(dropped) == bool(extra_stop)  # finished rows left their batch mid-way
     assert 1 in passes and len(passes) > 2 * 3  # 3 batches of 4 each way; the long prompt in a pass alone
+
+
+def test_a_sliding_window_model_s_answers_match_transformers_generate(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4096,  # Mistral-7B v0.1's: its cache layers count the tokens they hold
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    MistralForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path)
+    model, tokenizer = load_for_inference(tmp_path), load_tokenizer(tmp_path, padding_side="left")
+    long_input = " ".join(["The sea is wide and blue."] * 12)
+    prompts = [instruction_prompt(i, x, PROMPT) for i, x, _ in [*INSTRUCTIONS, ("Summarise the text.", long_input, "")]]
+    inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        generated = model.generate(**inputs, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    answers = generate_answers(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=4).texts
+    assert answers == [text.strip() for text in expected]
 
 
 def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full_answer_s(tiny_model, tmp_path):

@@ -196,6 +196,8 @@ def _merged(states: list[_State], prefix_length: int) -> _State:
     cache = states[0].cache
     for layer, *parts in zip(cache.layers, *(state.cache.layers for state in states), strict=True):
         layer.keys, layer.values = widened((p.keys for p in parts), 2), widened((p.values for p in parts), 2)
+        if hasattr(layer, "cumulative_length"):  # a sliding-window layer (Mistral) sizes its masks by it
+            layer.cumulative_length = width
         for part in parts[1:]:
             part.keys = part.values = None
     mask = widened((state.mask for state in states), 1)
