@@ -76,14 +76,19 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    """A randomly initialised two-layer Llama saved as safetensors with its tokenizer."""
+def build_tiny_model(out: Path, seed: int = 0, sliding_window: int | None = None) -> Path:
+    """A randomly initialised two-layer Llama saved as safetensors with its tokenizer; with ``sliding_window``,
+    a Mistral of the same shapes (its cache layers count the tokens they hold)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config_class, model_class = (
+        (LlamaConfig, LlamaForCausalLM) if sliding_window is None else (MistralConfig, MistralForCausalLM)
+    )
+    extra = {} if sliding_window is None else {"sliding_window": sliding_window}
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -96,8 +101,9 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
         initializer_range=0.2,
+        **extra,
     )  # wide enough that a frozen tied head can express a preference
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    model_class(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 

@@ -16,7 +16,7 @@ from conftest import (
     LABELS,
     ROOT,
     TWEETS,
-    build_tiny_tokenizer,
+    build_tiny_model,
     instruction_rows,
     tiny_params,
     tweet_records,
@@ -285,24 +285,7 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
 
 
 def test_a_sliding_window_model_s_answers_match_transformers_generate(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4096,  # Mistral-7B v0.1's: its cache layers count the tokens they hold
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    MistralForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
-    tokenizer.save_pretrained(tmp_path)
+    build_tiny_model(tmp_path, sliding_window=4096)  # Mistral-7B v0.1's window
     model, tokenizer = load_for_inference(tmp_path), load_tokenizer(tmp_path, padding_side="left")
     long_input = " ".join(["The sea is wide and blue."] * 12)
     prompts = [instruction_prompt(i, x, PROMPT) for i, x, _ in [*INSTRUCTIONS, ("Summarise the text.", long_input, "")]]
