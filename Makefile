@@ -7,11 +7,20 @@ PROFILE ?= embedded
 
 .PHONY: setup repro test lint format profile register remote clean-venv
 
+# uv installs the pinned environment in about 57 s where pip took 108 s (README: Quick start). It is handed pip's own
+# index settings (pip.conf and PIP_* variables, the variable first, as pip ranks them), so it installs from where
+# pip would, and weighs every index's versions as pip does.
+UV_VERSION := 0.13.8
+pip_setting = "$$($(BIN)/python -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p" | head -n 1)"
+UV_INSTALL = UV_INDEX_STRATEGY=unsafe-best-match UV_INDEX_URL=$(call pip_setting,index-url) \
+	UV_EXTRA_INDEX_URL=$(call pip_setting,extra-index-url) UV_FIND_LINKS=$(call pip_setting,find-links) \
+	UV_CONSTRAINT=$(call pip_setting,constraint) $(BIN)/uv pip install --python $(BIN)/python --quiet
+
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(UV_INSTALL) --compile-bytecode -r requirements-dev.txt
+	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed

@@ -266,7 +266,9 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
     )
     passes = []
     prefill_pass = decoding._prefill_pass
-    monkeypatch.setattr(decoding, "_prefill_pass", lambda m, p, s, i: passes.append(len(s)) or prefill_pass(m, p, s, i))
+    monkeypatch.setattr(
+        decoding, "_prefill_pass", lambda m, p, s, *a: passes.append(len(s)) or prefill_pass(m, p, s, *a)
+    )
     inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.inference_mode():
         generated = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)

@@ -124,18 +124,69 @@ def shallow_copy(cache):
 
 
 @dataclass(frozen=True)
+class _Fed:
+    """Tokens fed after every row's prompt in its prefill, side by side: every label's answer tokens but the last.
+    Each sees the prompt and its own label's earlier tokens only, so one pass gives every label's likelihood."""
+
+    tokens: list[int]
+    label_of: list[int]  # the label each token belongs to
+    offset: list[int]  # its place in that label's tokens
+
+    @classmethod
+    def of(cls, answers: dict[str, list[int]]) -> _Fed:
+        fed = [tokens[:-1] for tokens in answers.values()]
+        return cls(
+            [token for tokens in fed for token in tokens],
+            [i for i, tokens in enumerate(fed) for _ in tokens],
+            [j for tokens in fed for j in range(len(tokens))],
+        )
+
+    def sees_own(self) -> torch.Tensor:
+        """(fed, fed): which fed tokens each fed token attends to."""
+        label_of, offset = torch.tensor(self.label_of), torch.tensor(self.offset)
+        return (label_of[:, None] == label_of[None, :]) & (offset[:, None] >= offset[None, :])
+
+
+@dataclass(frozen=True)
 class _Batch:
-    """A prefilled batch: the rows' indices in the input, their tokens after the prefix, next-token logits, state."""
+    """A prefilled batch: the rows' indices in the input, their tokens after the prefix, next-token logits, the
+    logits after each fed token (rows x fed x vocabulary; None if nothing was fed), state."""
 
     rows: list[int]
     prefix: Prefix
     suffixes: list[list[int]]
     logits: torch.Tensor
+    fed_logits: torch.Tensor | None
     state: _State
 
 
-def _prefill_pass(model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, _State]:
-    """Run ``[prefix | pad | suffix]`` rows; return the next-token logits of each row and the decoding state."""
+def _fed_mask(model, real: torch.Tensor, prefix_length: int, fed: _Fed) -> torch.Tensor:
+    """The additive 4D mask of ``[pad | suffix | fed]`` queries over ``[prefix | pad | suffix | fed]`` keys: the
+    prompt causal over its real tokens, each fed token over the whole prompt and its own label's tokens."""
+    rows, width, fed_count = real.shape[0], real.shape[1] - prefix_length, len(fed.tokens)
+    causal = torch.ones((width, prefix_length + width), dtype=torch.bool).tril(diagonal=prefix_length)
+    prompt = torch.cat([causal[None] & real[:, None], real.new_zeros((rows, width, fed_count))], dim=2)
+    fed_rows = torch.cat([real[:, None].expand(-1, fed_count, -1), fed.sees_own().expand(rows, -1, -1)], dim=2)
+    sees = torch.cat([prompt, fed_rows], dim=1).to(model.device)
+    return torch.zeros(sees.shape, dtype=model.dtype, device=model.device).masked_fill_(
+        ~sees, torch.finfo(model.dtype).min
+    )[:, None]
+
+
+def _without_fed(cache, fed_count: int):
+    """``cache`` with its last ``fed_count`` tokens (the fed ones, which greedy decoding must not see) cut off."""
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :-fed_count], layer.values[:, :, :-fed_count]
+        if hasattr(layer, "cumulative_length"):  # a sliding-window layer (Mistral) sizes its masks by it
+            layer.cumulative_length -= fed_count
+    return cache
+
+
+def _prefill_pass(
+    model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int, fed: _Fed | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, _State]:
+    """Run ``[prefix | pad | suffix]`` rows (then ``fed``'s tokens, side by side); return each row's next-token
+    logits, the logits after each fed token, and the decoding state (without the fed tokens)."""
     width = max(len(s) for s in suffixes)
     ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
     suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
@@ -143,18 +194,26 @@ def _prefill_pass(model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_
         ids[row, width - len(suffix) :] = torch.tensor(suffix)
         suffix_mask[row, width - len(suffix) :] = 1
     # Positions count real tokens only, as if unpadded; a pad's position is irrelevant as no token attends to it.
-    positions = (prefix.length + suffix_mask.cumsum(-1) - 1).clamp(min=0).to(model.device)
+    positions = (prefix.length + suffix_mask.cumsum(-1) - 1).clamp(min=0)
     mask = torch.cat([torch.ones((len(suffixes), prefix.length), dtype=torch.long), suffix_mask], dim=1)
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    next_position = positions[:, -1] + 1
+    attention, fed_count = mask, 0
+    if fed is not None:
+        fed_count = len(fed.tokens)
+        ids = torch.cat([ids, torch.tensor(fed.tokens).expand(len(suffixes), -1)], dim=1)
+        positions = torch.cat([positions, next_position[:, None] + torch.tensor(fed.offset)], dim=1)
+        attention = _fed_mask(model, mask.bool(), prefix.length, fed)
     out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
+        input_ids=ids.to(model.device),
+        attention_mask=attention.to(model.device),
+        position_ids=positions.to(model.device),
         past_key_values=prefix.for_batch(len(suffixes)),
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=fed_count + 1,
     )
-    return out.logits[:, -1], _State(out.past_key_values, mask, positions[:, -1] + 1)
+    cache = _without_fed(out.past_key_values, fed_count) if fed_count else out.past_key_values
+    state = _State(cache, mask.to(model.device), next_position.to(model.device))
+    return out.logits[:, 0], out.logits[:, 1:] if fed_count else None, state
 
 
 def prefill_passes(lengths: Sequence[int], slack: float = PASS_SLACK) -> list[range]:
@@ -204,21 +263,26 @@ def _merged(states: list[_State], prefix_length: int) -> _State:
     return _State(cache, mask, torch.cat([state.next_position for state in states]))
 
 
-def _prefill(model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, _State]:
+def _prefill(
+    model, prefix: Prefix, suffixes: Sequence[Sequence[int]], pad_id: int, fed: _Fed | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, _State]:
     """Rows of ascending length prefilled in passes of little padding (:func:`prefill_passes`), merged into one
     decoding state: a batch of short instructions and a long one no longer runs every row at the long one's
-    length. Returns each row's next-token logits and the state."""
+    length. Returns each row's next-token logits, the logits after each fed token, and the state."""
     results = [
-        _prefill_pass(model, prefix, suffixes[rows.start : rows.stop], pad_id)
+        _prefill_pass(model, prefix, suffixes[rows.start : rows.stop], pad_id, fed)
         for rows in prefill_passes([len(s) for s in suffixes])
     ]
-    return torch.cat([logits for logits, _ in results]), _merged([state for _, state in results], prefix.length)
+    logits = torch.cat([logits for logits, _, _ in results])
+    fed_logits = None if fed is None else torch.cat([fed_logits for _, fed_logits, _ in results])
+    return logits, fed_logits, _merged([state for _, _, state in results], prefix.length)
 
 
 def _prefilled_batches(
-    model, ids: list[list[int]], batch_size: int, pad_id: int, share_prefix: bool, what: str
+    model, ids: list[list[int]], batch_size: int, pad_id: int, share_prefix: bool, what: str, fed: _Fed | None = None
 ) -> Iterator[_Batch]:
-    """Length-sorted batches, prefilled after the shared prefix; logs examples/s as the caller consumes them."""
+    """Length-sorted batches, prefilled after the shared prefix (then ``fed``); logs examples/s as the caller
+    consumes them."""
     prefix = Prefix(model, ids[0][: common_prefix_length(ids)] if share_prefix else [])
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     started, done = time.perf_counter(), 0
@@ -228,8 +292,8 @@ def _prefilled_batches(
         release_free_memory()
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
-        logits, state = _prefill(model, prefix, suffixes, pad_id)
-        yield _Batch(rows, prefix, suffixes, logits, state)
+        logits, fed_logits, state = _prefill(model, prefix, suffixes, pad_id, fed)
+        yield _Batch(rows, prefix, suffixes, logits, fed_logits, state)
         done += len(rows)
         log.info("%s: %d/%d (%.1f examples/s)", what, done, len(ids), done / (time.perf_counter() - started))
 
@@ -351,41 +415,24 @@ def answer_ids(tokenizer, conversation: Conversation, label: str, stops: set[int
     return tail[: end + 1]
 
 
-def _label_logprobs(
-    model, batch: _Batch, answers: dict[str, list[int]]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _label_logprobs(batch: _Batch, answers: dict[str, list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Log-likelihood of each label as the whole answer: its tokens and the end-of-turn token after them; and
     each row's greedy next token after each label's first token (rows x labels), which often ends the answer.
 
-    The first token's comes from the prefill's logits; the rest from one teacher-forced pass that feeds every
-    label's tokens side by side after each row's prompt, each label seeing the prompt and its own earlier tokens
-    only (a label of one token needs that pass too: for its end-of-turn token, so that "pos" cannot win over
-    "positive"). No row's cache is copied per label.
+    The first token's comes from the next-token logits; the rest from the logits after the label's tokens, fed
+    side by side after each row's prompt in the same prefill (:class:`_Fed`). A label of one token is fed too:
+    for its end-of-turn token, so that "pos" cannot win over "positive".
     """
     first = torch.log_softmax(batch.logits.float(), dim=-1)
-    device, rows = batch.logits.device, len(batch.rows)
-    fed = [tokens[:-1] for tokens in answers.values()]  # every token but the last is fed
-    label_of = torch.tensor([i for i, tokens in enumerate(fed) for _ in tokens], device=device)
-    offset = torch.tensor([j for tokens in fed for j in range(len(tokens))], device=device)
-    width = len(offset)
-    own = (label_of[:, None] == label_of[None, :]) & (offset[:, None] >= offset[None, :])
-    sees = torch.cat([batch.state.mask.bool()[:, None, :].expand(-1, width, -1), own.expand(rows, -1, -1)], dim=2)
-    mask = torch.zeros(sees.shape, dtype=model.dtype, device=device).masked_fill_(~sees, torch.finfo(model.dtype).min)
-    out = model(
-        input_ids=torch.tensor([token for tokens in fed for token in tokens], device=device).expand(rows, -1),
-        attention_mask=mask[:, None],  # (rows, 1, fed tokens, prompt + fed tokens), used as it is
-        position_ids=batch.state.next_position[:, None] + offset,
-        past_key_values=shallow_copy(batch.state.cache),
-        use_cache=True,
-    )
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+    logprobs = torch.log_softmax(batch.fed_logits.float(), dim=-1)
+    device = batch.logits.device
     scores, starts, start = {}, [], 0
-    for (label, tokens), fed_tokens in zip(answers.items(), fed, strict=True):
+    for label, tokens in answers.items():
         rest = torch.tensor(tokens[1:], device=device)
-        scores[label] = first[:, tokens[0]] + logprobs[:, start + torch.arange(len(rest)), rest].sum(-1)
+        scores[label] = first[:, tokens[0]] + logprobs[:, start + torch.arange(len(rest), device=device), rest].sum(-1)
         starts.append(start)
-        start += len(fed_tokens)
-    return scores, out.logits[:, starts].argmax(-1)
+        start += len(tokens) - 1
+    return scores, batch.fed_logits[:, starts].argmax(-1)
 
 
 def _answers_on_label_paths(
@@ -429,8 +476,8 @@ def _label_scored_batches(
     ids, cut = fit_prompts(encode(tokenizer, render(tokenizer, conversations)), max_prompt_tokens)
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     answers = {label: answer_ids(tokenizer, conversations[0], label, stops) for label in label_set.labels}
-    batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment")
-    return cut, stops, answers, ((batch, *_label_logprobs(model, batch, answers)) for batch in batches)
+    batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment", _Fed.of(answers))
+    return cut, stops, answers, ((batch, *_label_logprobs(batch, answers)) for batch in batches)
 
 
 @torch.no_grad()

@@ -235,6 +235,8 @@ def load_for_inference(
     """
     from safetensors import SafetensorError
 
+    from lorapipe.models.attention import SHARED_KV_SDPA
+
     cuda = torch.cuda.is_available()
     dtype = torch.float32
     if cuda and precision == "bf16":
@@ -243,7 +245,7 @@ def load_for_inference(
         hardware = Hardware("cuda", four_bit, True, "", (), device_map={"": torch.cuda.current_device()})
         model = load_causal_lm(base, hardware)
     else:
-        model = load_causal_lm(base, dtype=dtype)
+        model = load_causal_lm(base, dtype=dtype, attention="sdpa" if cuda else SHARED_KV_SDPA)
     if adapter is not None:
         from peft import PeftModel
 
