@@ -12,7 +12,7 @@ from lorapipe.models.loading import load_causal_lm, load_for_inference, load_tok
 
 
 def _padded_prefill(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token logits of a left-padded batch after a shared prefix, and of one decoding step after it."""
+    """Next-token logits of a left-padded batch after a shared prefix, and the greedy tokens decoded after them."""
     prompts = [[{"role": "user", "content": text}] for text in ("good", "a much longer and happier tweet", "bad day")]
     ids = decoding.encode(tokenizer, decoding.render(tokenizer, prompts))
     prefix = decoding.Prefix(model, ids[0][: decoding.common_prefix_length(ids)])

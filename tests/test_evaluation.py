@@ -322,7 +322,7 @@ def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model, monk
         decoding, "_greedy", lambda model, logits, *rest: decoded.append(len(logits)) or decode(model, logits, *rest)
     )
     shared = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
-    # A label's token, then the end of the turn: the label pass already holds that, so no row decodes on.
+    # A label's token, then the end of the turn: the fed label tokens' logits hold that, so no row decodes on.
     assert decoded == [] and [p.answer for p in shared] == greedy
     decide = decoding._answers_on_label_paths
     every_other = lambda *args: [None if j % 2 else tokens for j, tokens in enumerate(decide(*args))]  # noqa: E731
