@@ -51,6 +51,31 @@ def test_step_timer_warms_up_once_and_reports_examples_per_second():
     assert calls.count("warm fp32") == 1 and calls.count("fp32") == 4
 
 
+def test_step_timer_stops_a_precision_whose_warm_up_is_slower_than_a_full_step(caplog):
+    seconds = {"fp32": 0.02, "bf16": 0.05}
+    calls = []
+
+    def run(what: str, precision: str) -> None:
+        calls.append(what + precision)
+        time.sleep(seconds[precision])
+
+    measure = host.step_timer(
+        lambda precision: run("", precision), rows=16, warm_up=lambda precision: run("warm ", precision), warm_up_rows=2
+    )
+    with caplog.at_level("INFO"):
+        choice = choose_precision(measure)
+    assert calls == ["warm fp32", "fp32", "warm bf16"]  # bf16's full step never ran
+    assert choice.precision == "fp32" and choice.rates["bf16"] <= round(2 / 0.05, 2)
+    assert "bf16's 2-row warm-up took" in caplog.text and "not timed further" in caplog.text
+
+    seconds["bf16"] = 0.001  # a warm-up faster than fp32's full step: timed in full, and wins
+    calls.clear()
+    choice = choose_precision(host.step_timer(
+        lambda precision: run("", precision), rows=16, warm_up=lambda precision: run("warm ", precision), warm_up_rows=2
+    ))  # fmt: skip
+    assert calls == ["warm fp32", "fp32", "warm bf16", "bf16"] and choice.precision == "bf16"
+
+
 @pytest.mark.parametrize("rates,expected", [({"fp32": 9.0, "bf16": 4.0}, "fp32"), ({"fp32": 4.0, "bf16": 9.0}, "bf16")])
 def test_auto_trains_in_the_measured_faster_precision(tmp_path, tiny_model, params, monkeypatch, rates, expected):
     monkeypatch.setattr(training, "step_timer", fake_timer(rates))
@@ -109,7 +134,7 @@ def test_the_probe_times_bf16_on_bf16_weights_and_hands_back_the_fp32_ones(tiny_
     before = {name: (p, p.data.clone()) for name, p in model.named_parameters()}
     seen: dict[str, set] = {}
 
-    def timer(step, rows, warm_up=None):
+    def timer(step, rows, **options):
         def measure(precision):
             seen[precision] = {m.weight.dtype for m in model.modules() if isinstance(m, torch.nn.Linear)}
             return 1.0

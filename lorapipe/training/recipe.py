@@ -277,7 +277,12 @@ def measure_precision(
                 loss.backward()
             peft_model.zero_grad(set_to_none=True)
 
-        timer = step_timer(step, len(batch["input_ids"]), warm_up=lambda precision: step(precision, WARM_UP_ROWS))
+        timer = step_timer(
+            step,
+            len(batch["input_ids"]),
+            warm_up=lambda precision: step(precision, WARM_UP_ROWS),
+            warm_up_rows=WARM_UP_ROWS,
+        )
 
         def measure(precision: str) -> float:
             # bf16 as training runs it: the frozen weights stored in bf16, not cast at every use.
