@@ -321,6 +321,10 @@ class TrainParams(Section):
         "(the same update, less memory); null: no limit",
         gt=0,
     )
+    fp32_pass_tokens: int | None = doc(
+        "pass_tokens when training in fp32, whose activations take more memory than bf16 autocast's; null: pass_tokens",
+        gt=0,
+    )
     gradient_checkpointing: bool = doc(
         "recompute activations in backward (less memory, slower; turns shared_prefix off)"
     )

@@ -155,8 +155,12 @@ def test_the_probe_times_bf16_on_bf16_weights_and_hands_back_the_fp32_ones(tiny_
 def test_passes_of_fewer_rows_train_the_same_adapter(tmp_path, tiny_model, params):
     lora = params.lora.model_copy(update={"dropout": 0.0})
     params = params.model_copy(update={"lora": lora})
-    whole = adapter_after(tmp_path, tiny_model, params, "whole", cpu_precision="fp32", pass_tokens=None)
-    split = adapter_after(tmp_path, tiny_model, params, "split", cpu_precision="fp32", pass_tokens=24)
+    whole = adapter_after(
+        tmp_path, tiny_model, params, "whole", cpu_precision="fp32", pass_tokens=None, fp32_pass_tokens=None
+    )
+    split = adapter_after(
+        tmp_path, tiny_model, params, "split", cpu_precision="fp32", pass_tokens=24, fp32_pass_tokens=None
+    )
     summary = (tmp_path / "split" / "metrics" / "train_sentiment.json").read_text()
     assert '"split_batches": 3' in summary
     for key in whole:
@@ -219,3 +223,15 @@ def test_free_memory_goes_back_to_the_system_after_a_large_free():
     release_free_memory()
     assert resident_mib() < before - 128
     assert keep
+
+
+@pytest.mark.parametrize("precision,budget,splits", [("fp32", 24, 3), ("bf16", None, 0)])
+def test_fp32_training_runs_passes_of_its_own_budget(tmp_path, tiny_model, params, precision, budget, splits):
+    """fp32's activations take more memory: fp32_pass_tokens caps its passes; bf16 keeps pass_tokens (none)."""
+    job = make_job(tmp_path, tiny_model, params, live=False)
+    train = params.train.model_copy(
+        update={"max_steps": 3, "cpu_precision": precision, "pass_tokens": None, "fp32_pass_tokens": 24}
+    )
+    summary = training.train_adapter(job, params.lora, train)
+    assert summary["precision"] == precision
+    assert summary["pass_tokens"] == budget and summary["split_batches"] == splits
