@@ -438,8 +438,8 @@ def _label_logprobs(batch: _Batch, answers: dict[str, list[int]]) -> tuple[dict[
 def _answers_on_label_paths(
     batch: _Batch, answers: dict[str, list[int]], after_first: torch.Tensor, stops: set[int]
 ) -> list[list[int] | None]:
-    """The greedy answers that the prefill and the label pass already decide, None for the others: an answer
-    that ends at once, or a label's first token followed by the end of the turn (a trained model's answer)."""
+    """The greedy answers that the prefill (with the label tokens fed in it) already decides, None for the others:
+    an answer that ends at once, or a label's first token followed by the end of the turn (a trained model's)."""
     firsts = [tokens[0] for tokens in answers.values()]
     decided: list[list[int] | None] = []
     for token, after in zip(batch.logits.argmax(-1).tolist(), after_first.tolist(), strict=True):
