@@ -11,6 +11,9 @@ PROFILE ?= embedded
 # index settings (pip.conf and PIP_* variables, the variable first, as pip ranks them), so it installs from where
 # pip would, and weighs every index's versions as pip does.
 UV_VERSION := 0.13.8
+# Bytecode is compiled up front only where Python will not write it on first import (PYTHONDONTWRITEBYTECODE set):
+# compiling every module takes 27 s of setup, writing the ~3,500 a stage imports on first use about 8 s once.
+COMPILE_BYTECODE := $(if $(PYTHONDONTWRITEBYTECODE),--compile-bytecode)
 # `pip config list` runs once (about 0.4 s a call); each setting is read from its saved output.
 PIP_CONFIG := $(VENV)/pip-config.txt
 pip_setting = "$$(sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p" $(PIP_CONFIG) | head -n 1)"
@@ -22,7 +25,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
 	$(BIN)/python -m pip config list > $(PIP_CONFIG) 2>/dev/null || true
-	$(UV_INSTALL) -r requirements-dev.txt
+	$(UV_INSTALL) $(COMPILE_BYTECODE) -r requirements-dev.txt
 	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
