@@ -242,7 +242,28 @@ def release_free_memory() -> None:
         trim(0)
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, in MiB."""
+    """This process's peak resident memory since it started or since :func:`reset_peak_rss`, in MiB."""
+    try:
+        for line in PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):  # Linux: the high-water mark that reset_peak_rss resets
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
+def reset_peak_rss() -> bool:
+    """Start :func:`peak_rss_mib` afresh from the memory resident now (Linux); whether it could.
+
+    One eval process scores several models, and each model's metrics hold its own peak, not the process's.
+    """
+    try:
+        PROC_CLEAR_REFS.write_text("5")  # 5: reset the peak resident set size (proc(5))
+    except OSError:
+        return False
+    return True

@@ -512,6 +512,11 @@ def test_evaluate_stage_runs_base_with_baseline_and_an_adapter(taught_model, tmp
     torch.manual_seed(0)
     adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "models" / "adapters" / "sentiment")  # no tokenizer files: the base's is used
+    torch.manual_seed(1)
+    other = get_peft_model(
+        load_for_inference(taught_model), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    )
+    other.save_pretrained(tmp_path / "models" / "adapters" / "mixed")
     params = tiny_params(base, write_tweets_csv(tmp_path / "t.csv"), tmp_path / "i.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -522,13 +527,29 @@ def test_evaluate_stage_runs_base_with_baseline_and_an_adapter(taught_model, tmp
         *("--baseline-predictions", "data/predictions/baseline"),
     )
     assert done.returncode == 0, done.stderr
-    adapted = run_evaluate(
+    # eval_all's way: one process scores both adapters in turn, each as a process of its own would.
+    both = run_evaluate(
         tmp_path,
-        *("--adapter", "models/adapters/sentiment"),
+        *("--adapter", "models/adapters/sentiment", "--adapter", "models/adapters/mixed"),
         *("--metrics", "metrics/sentiment.json", "--predictions", "data/predictions/sentiment"),
+        *("--metrics", "metrics/mixed.json", "--predictions", "data/predictions/mixed"),
     )
-    assert adapted.returncode == 0, adapted.stderr
-    assert "loaded models/base + models/adapters/sentiment" in adapted.stderr
+    assert both.returncode == 0, both.stderr
+    assert "loaded models/base + models/adapters/sentiment" in both.stderr
+    assert "loaded models/base + models/adapters/mixed" in both.stderr
+    alone = run_evaluate(
+        tmp_path,
+        *("--adapter", "models/adapters/mixed"),
+        *("--metrics", "metrics/alone.json", "--predictions", "data/predictions/alone"),
+    )
+    assert alone.returncode == 0, alone.stderr
+    for file in ("sentiment.jsonl", "confusion.csv", "instructions.jsonl", "out_of_sample.jsonl"):
+        assert (tmp_path / "data/predictions/alone" / file).read_bytes() == (
+            tmp_path / "data/predictions/mixed" / file
+        ).read_bytes()
+    in_turn, own = (read_json(tmp_path / "metrics" / f"{n}.json") for n in ("mixed", "alone"))
+    assert in_turn["sentiment"] == own["sentiment"] and in_turn["instructions"] == own["instructions"]
+    assert 100 < in_turn["peak_rss_mib"] < 4096
     for name in ("base", "sentiment"):
         metrics = json.loads((tmp_path / "metrics" / f"{name}.json").read_text())
         assert metrics["examples"]["sentiment"] == 12
@@ -563,12 +584,22 @@ def test_evaluate_stage_runs_base_with_baseline_and_an_adapter(taught_model, tmp
 
     missing = run_evaluate(
         tmp_path,
-        *("--adapter", "models/adapters/mixed"),
-        *("--metrics", "metrics/mixed.json", "--predictions", "data/predictions/mixed"),
+        *("--adapter", "models/adapters/mixed", "--adapter", "models/adapters/absent"),
+        *("--metrics", "metrics/mixed2.json", "--predictions", "data/predictions/mixed2"),
+        *("--metrics", "metrics/absent.json", "--predictions", "data/predictions/absent"),
     )
     assert missing.returncode == 1
-    assert "models/adapters/mixed: no adapter_config.json" in missing.stderr
+    assert "models/adapters/absent: no adapter_config.json" in missing.stderr
     assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "metrics" / "mixed2.json").exists()  # every adapter is checked before the first is scored
+
+    uneven = run_evaluate(
+        tmp_path,
+        *("--adapter", "models/adapters/sentiment", "--adapter", "models/adapters/sentiment"),
+        *("--metrics", "metrics/s.json", "--predictions", "data/predictions/s"),
+    )
+    assert uneven.returncode == 2
+    assert "one --metrics and one --predictions for each of the 2 model(s) scored" in uneven.stderr
 
 
 def test_an_adapter_is_scored_on_the_base_its_training_recorded(tmp_path):

@@ -235,3 +235,16 @@ def test_fp32_training_runs_passes_of_its_own_budget(tmp_path, tiny_model, param
     summary = training.train_adapter(job, params.lora, train)
     assert summary["precision"] == precision
     assert summary["pass_tokens"] == budget and summary["split_batches"] == splits
+
+
+@pytest.mark.skipif(not host.PROC_CLEAR_REFS.exists(), reason="the peak can be reset on Linux only")
+def test_the_peak_memory_can_start_afresh_for_each_model():
+    """One eval process scores several models; each model's peak_rss_mib must not include the one before."""
+    before = host.peak_rss_mib()
+    block = torch.ones(64 * 2**20)  # 256 MiB, every page touched
+    held = host.peak_rss_mib()
+    del block
+    host.release_free_memory()
+    assert held >= before + 200 and host.peak_rss_mib() > held - 10  # the peak stays after the memory is freed
+    assert host.reset_peak_rss()
+    assert host.peak_rss_mib() < held - 200
