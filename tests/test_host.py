@@ -240,6 +240,7 @@ def test_fp32_training_runs_passes_of_its_own_budget(tmp_path, tiny_model, param
 @pytest.mark.skipif(not host.PROC_CLEAR_REFS.exists(), reason="the peak can be reset on Linux only")
 def test_the_peak_memory_can_start_afresh_for_each_model():
     """One eval process scores several models; each model's peak_rss_mib must not include the one before."""
+    assert host.reset_peak_rss()  # the peak from here, not the earlier tests' in this process
     before = host.peak_rss_mib()
     block = torch.ones(64 * 2**20)  # 256 MiB, every page touched
     held = host.peak_rss_mib()
