@@ -7,9 +7,9 @@ PROFILE ?= embedded
 
 .PHONY: setup repro test lint format profile register remote clean-venv
 
-# uv installs the pinned environment in 16 s where pip took 108 s (README:
-# Quick start). It is handed pip's own index settings (pip.conf and PIP_* variables, the variable first, as pip ranks
-# them), so it installs from where pip would, and weighs every index's versions as pip does.
+# uv installs the pinned environment in 16 s where pip took 108 s (README: Quick start). It is handed pip's own index
+# settings (pip.conf and PIP_* variables, the variable first, as pip ranks them), so it installs from where pip would,
+# and weighs every index's versions as pip does.
 UV_VERSION := 0.13.8
 # `pip config list` runs once (about 0.4 s a call); each setting is read from its saved output.
 PIP_CONFIG := $(VENV)/pip-config.txt
