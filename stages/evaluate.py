@@ -35,7 +35,7 @@ from lorapipe.evaluation.evaluate import (
 from lorapipe.evaluation.kernels import use_faster_fp32_kernel
 from lorapipe.host import bound_onednn_cache, release_free_memory, reset_peak_rss, shared_cores
 from lorapipe.io import run_stage
-from lorapipe.models.adapters import check_base, load_adapted, scoring_base
+from lorapipe.models.adapters import checked_scoring_base, load_adapted
 from lorapipe.models.loading import load_tokenizer, require_adapter, tokenizer_dir
 
 log = logging.getLogger("lorapipe.stages.evaluate")
@@ -72,9 +72,7 @@ def main() -> None:
         params = load_params(args.params).eval
         adapters = [require_adapter(adapter) for adapter in args.adapter] or [None]
         for adapter in adapters:  # all refusals before the first model is scored
-            if adapter is not None:
-                check_base(adapter, args.base)
-            scoring_base(adapter, params.adapter_base == "as_trained")
+            checked_scoring_base(args.base, adapter, params.adapter_base == "as_trained")
         data = load_eval_data(args.labels, args.tweets, args.instructions, args.out_of_sample, params)
         if args.baseline_train:
             train = load_sentiment(args.baseline_train, data.labels)

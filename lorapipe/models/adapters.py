@@ -73,6 +73,16 @@ def check_base(adapter: Path, base: Path, allow_other_base: bool = False) -> Non
         )
 
 
+def checked_scoring_base(
+    base: Path, adapter: Path | None, as_trained: bool = True, allow_other_base: bool = False
+) -> ScoringBase:
+    """Where ``adapter`` is used on ``base`` (:func:`scoring_base`), after :func:`check_base` has accepted the
+    pair: a caller scoring several adapters checks them all with this before it loads the first."""
+    if adapter is not None:
+        check_base(adapter, base, allow_other_base)
+    return scoring_base(adapter, as_trained)
+
+
 def load_adapted(
     base: Path,
     adapter: Path | None,
@@ -80,9 +90,7 @@ def load_adapted(
     as_trained: bool = True,
     allow_other_base: bool = False,
 ):
-    """The model to use ``adapter`` with, checked against the base its card records, on the weights
-    :func:`scoring_base` picks; and those weights. Without an adapter, the base model alone."""
-    if adapter is not None:
-        check_base(adapter, base, allow_other_base)
-    on = scoring_base(adapter, as_trained)
+    """The model to use ``adapter`` with on the weights :func:`checked_scoring_base` picks; and those weights.
+    Without an adapter, the base model alone."""
+    on = checked_scoring_base(base, adapter, as_trained, allow_other_base)
     return load_for_inference(base, adapter, precision, on.four_bit), on
