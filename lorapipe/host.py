@@ -84,13 +84,17 @@ def step_timer(
     ``repeats``, after one untimed ``warm_up(precision)`` (kernel selection, first allocations; ``step`` if None).
 
     A precision whose warm-up (``warm_up_rows`` examples) alone took longer than a full step of one timed before it
-    cannot win, so it is not timed further: its rate is the warm-up's. Without that, bf16 emulated on a CPU with no
-    bf16 instructions (0.10 examples/s against fp32's 2.41 on an AVX2 host) made the probe take 3 minutes.
+    cannot win, so it is not timed further: its rate is the warm-up's, in a later call too. Without that, bf16
+    emulated on a CPU with no bf16 instructions (0.10 examples/s against fp32's 2.41 on an AVX2 host) made the probe
+    take 3 minutes.
     """
     warm: set[str] = set()
     fastest: dict[str, float] = {}  # precision -> seconds of its best full step
+    stopped: dict[str, float] = {}  # precision -> its warm-up's rate, for one not timed further
 
     def measure(precision: str) -> float:
+        if precision in stopped:
+            return stopped[precision]
         if precision not in warm:
             started = time.perf_counter()
             (warm_up or step)(precision)
@@ -104,7 +108,8 @@ def step_timer(
                         " further",
                         precision, warm_up_rows, seconds, rows, leader, best,
                     )  # fmt: skip
-                    return warm_up_rows / seconds
+                    stopped[precision] = warm_up_rows / seconds
+                    return stopped[precision]
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()

@@ -87,6 +87,7 @@ def test_step_timer_stops_a_precision_whose_warm_up_is_slower_than_a_full_step(c
     assert calls == ["warm fp32", "fp32", "warm bf16"]  # bf16's full step never ran
     assert choice.precision == "fp32" and choice.rates["bf16"] <= round(2 / 0.05, 2)
     assert "bf16's 2-row warm-up took" in caplog.text and "not timed further" in caplog.text
+    assert round(measure("bf16"), 2) == choice.rates["bf16"] and len(calls) == 3  # measured again: not run
 
     seconds["bf16"] = 0.001  # a warm-up faster than fp32's full step: timed in full, and wins
     calls.clear()
