@@ -247,9 +247,34 @@ def bound_onednn_cache() -> None:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc(function: str) -> Callable[..., int] | None:
+    """``function`` of the C library on Linux (glibc's allocator controls), else None."""
     name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return getattr(ctypes.CDLL(name), function, None) if name else None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MMAP_THRESHOLD = 32 * 2**20  # the largest that glibc's own dynamic threshold reaches
+TRIM_THRESHOLD = 2**30
+
+
+def keep_freed_memory(mallopt: Callable[[int, int], int] | None = None) -> bool:
+    """Have glibc keep freed blocks for reuse instead of unmapping them; whether it took both settings.
+
+    A training step allocates and frees hundreds of activation tensors of ever-changing sizes. glibc hands
+    blocks above its (dynamic) mmap threshold, and freed memory at the top of its heap, back to the system,
+    so the next step's tensors land on fresh pages and fault each one in again. On a 2-core Intel Xeon
+    (AVX-512 BF16, no AMX), 10 fp32 steps of 160 tweets took 4.8-4.9 s of system time and 0.48 million page
+    faults with blocks up to 32 MiB kept, against 6.8-8.2 s and 0.85-0.91 million, and trained at 5.99-6.37
+    against 5.45-5.93 examples/s, at the same peak memory (README: Your machine). Memory a user's own
+    ``MALLOC_*`` or ``GLIBC_TUNABLES`` settings govern is left alone, as is every other C library.
+    """
+    if "GLIBC_TUNABLES" in os.environ or any(key.startswith("MALLOC_") for key in os.environ):
+        return False
+    mallopt = mallopt or _glibc("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def release_free_memory() -> None:
@@ -259,7 +284,7 @@ def release_free_memory() -> None:
     eval_base crept from 1.9 to 3.0-3.2 GiB resident while far less was live. Trimming between batches and
     after the decoding cache drops rows brings it down (README: Your machine).
     """
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)
 

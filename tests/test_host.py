@@ -270,3 +270,49 @@ def test_the_peak_memory_can_start_afresh_for_each_model():
     assert held >= before + 200 and host.peak_rss_mib() > held - 10  # the peak stays after the memory is freed
     assert host.reset_peak_rss()
     assert host.peak_rss_mib() < held - 200
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from lorapipe.host import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def step(k):  # a training step's pattern: a dozen tensors of 1-13 MiB, other sizes each step, all freed
+    held = [torch.ones((1 + (k * 7 + i) % 13) * 2**18) for i in range(12)]
+    return sum(float(t[0]) for t in held)
+step(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for k in range(1, 20):
+    step(k)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_freed_memory_spares_the_next_steps_page_faults():
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    kept, default = faults("keep"), faults("default")
+    assert kept < default / 2, (kept, default)  # measured: about 9,000 against 53,000
+
+
+def test_a_users_allocator_settings_are_left_alone(monkeypatch):
+    calls = []
+
+    def mallopt(parameter: int, value: int) -> int:
+        calls.append((parameter, value))
+        return 1
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for key in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(key)
+    assert host.keep_freed_memory(mallopt)
+    assert calls == [(host.M_MMAP_THRESHOLD, host.MMAP_THRESHOLD), (host.M_TRIM_THRESHOLD, host.TRIM_THRESHOLD)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert not host.keep_freed_memory(mallopt) and calls == []

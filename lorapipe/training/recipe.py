@@ -27,6 +27,7 @@ from lorapipe.host import (
     all_ranks_agree,
     bound_onednn_cache,
     choose_precision,
+    keep_freed_memory,
     peak_rss_mib,
     refresh_threads,
     shared_cores,
@@ -83,6 +84,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
     from transformers import set_seed
 
     bound_onednn_cache()  # before the first matmul
+    keep_freed_memory()  # before the first step's activations
     hardware = hardware or choose_hardware(train)
     for fallback in hardware.fallbacks:
         log.warning("fallback: %s", fallback)
