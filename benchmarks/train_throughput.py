@@ -96,7 +96,7 @@ def contenders_precision(requested: str, params, params_file: Path, model, token
         return pinned, f"pinned in {params_file}"
     choice = measure_precision(model, tokenizer, rows, params.lora, params.train)
     timed = ", ".join(f"{name} {rate:.2f}" for name, rate in (choice.rates or {}).items())
-    return choice.precision, f"the train stage's choice, timed here ({timed} examples/s, forward + backward)"
+    return choice.precision, f"the train stage's choice, timed here ({timed} examples/s, {choice.probe})"
 
 
 def bare_loop(base: Path, rows: list[dict], params, precision: str) -> dict:

@@ -39,6 +39,7 @@ class PrecisionChoice:
 
     precision: str
     rates: dict[str, float] | None = None
+    probe: str = "forward + backward"  # what the rates time
 
     @property
     def measured(self) -> bool:
@@ -46,7 +47,10 @@ class PrecisionChoice:
 
 
 def choose_precision(
-    measure: Callable[[str], float], candidates: Sequence[str] = CPU_PRECISIONS, recheck_below: float = RECHECK_LEAD
+    measure: Callable[[str], float],
+    candidates: Sequence[str] = CPU_PRECISIONS,
+    recheck_below: float = RECHECK_LEAD,
+    probe: str = "forward + backward",
 ) -> PrecisionChoice:
     """The candidate with the highest rate that ``measure`` (precision -> examples/s) reports; logs all rates.
 
@@ -65,12 +69,13 @@ def choose_precision(
     rates = {precision: round(rate, 2) for precision, rate in rates.items()}
     choice = max(rates, key=lambda precision: rates[precision])
     log.info(
-        "precision: %s measured faster on this CPU (%s examples/s, forward + backward, best of %d)",
+        "precision: %s measured faster on this CPU (%s examples/s, %s, best of %d)",
         choice,
         ", ".join(f"{precision} {rate:.2f}" for precision, rate in rates.items()),
+        probe,
         rounds,
     )
-    return PrecisionChoice(choice, rates)
+    return PrecisionChoice(choice, rates, probe)
 
 
 def step_timer(
@@ -129,7 +134,7 @@ def all_ranks_agree(choice: PrecisionChoice) -> PrecisionChoice:
     summed = torch.tensor([choice.rates[name] for name in names], dtype=torch.float64)
     torch.distributed.all_reduce(summed)
     rates = dict(zip(names, (round(float(v), 2) for v in summed), strict=True))
-    return PrecisionChoice(max(rates, key=lambda name: rates[name]), rates)
+    return PrecisionChoice(max(rates, key=lambda name: rates[name]), rates, choice.probe)
 
 
 def host_cores() -> int:
@@ -277,15 +282,36 @@ def keep_freed_memory(mallopt: Callable[[int, int], int] | None = None) -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
-def release_free_memory() -> None:
-    """Hand the memory the allocator holds free back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def free_held_bytes() -> int | None:
+    """The bytes glibc's allocator holds free in its heaps (``mallinfo2``; None where it has none)."""
+    mallinfo2 = _glibc("mallinfo2")
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    return int(mallinfo2().fordblks)
+
+
+def release_free_memory(above: int = 0) -> None:
+    """Hand the memory the allocator holds free back to the system (glibc's ``malloc_trim``; elsewhere nothing),
+    if it holds more than ``above`` bytes free.
 
     Evaluation's batches allocate and free tensors of ever-changing sizes, and glibc kept the freed pages:
-    eval_base crept from 1.9 to 3.0-3.2 GiB resident while far less was live. Trimming between batches and
-    after the decoding cache drops rows brings it down (README: Your machine).
+    eval_base crept from 1.9 to 3.0-3.2 GiB resident while far less was live. Trimming after every batch brought
+    it down, but every batch then faulted its pages in afresh (4.4 million page faults, 13 s of system time for
+    the base model); evaluation trims only once more than a set amount is held (README: Evaluation cost).
     """
     trim = _glibc("malloc_trim")
-    if trim is not None:
+    if trim is None:
+        return
+    held = free_held_bytes() if above else None
+    if held is None or held > above:
         trim(0)
 
 

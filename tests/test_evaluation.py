@@ -195,8 +195,9 @@ def test_a_roomy_cache_layer_holds_what_a_growing_one_does_and_writes_in_place()
         for held, got in zip(growing.update(*new), roomy.update(*new), strict=True):
             assert torch.equal(held, got)
         assert roomy.get_seq_length() == growing.get_seq_length() == 6 + step
-        if step == 1:
-            assert roomy.key_room is room  # written in place, not concatenated anew
+        if step <= 2:
+            assert roomy.key_room is room  # written in place, rows dropped in place: no new room
+        assert roomy.keys.stride() == roomy.key_room.stride()  # laid out as a room of its own rows
     sliding = DynamicSlidingWindowLayer(sliding_window=4)
     assert decoding._RoomyLayer.with_room(sliding, 3) is sliding
 
@@ -619,25 +620,48 @@ def test_an_adapter_is_scored_on_the_base_its_training_recorded(tmp_path):
 
 @pytest.mark.parametrize("faster", ["mkl", "onednn"])
 def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_ones(taught_model, faster):
-    from lorapipe.evaluation.kernels import KERNELS, time_kernel, use_faster_fp32_kernel
+    from lorapipe.evaluation.kernels import KERNELS, use_faster_fp32_kernel
 
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model, padding_side="left")
     before = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
     rates = {kernel: 10.0 if kernel == faster else 5.0 for kernel in KERNELS}  # injected timings
-    chosen = use_faster_fp32_kernel(model, "fp32", measure=rates.get)
+    chosen = use_faster_fp32_kernel(model, "fp32", rates=rates)
     assert chosen == {"kernel": faster, "gflops": rates}
-    patched = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in vars(m)]
-    assert len(patched) == (0 if faster == "mkl" else sum(isinstance(m, torch.nn.Linear) for m in model.modules()))
+    patched = [m for m in linears if "forward" in vars(m)]
+    assert len(patched) == (0 if faster == "mkl" else len(linears))
+    if faster == "onednn":  # each layer holds only its reordered weight; the head's is the embeddings' and stays
+        assert all(m.weight is None for m in linears if m is not head)
+        assert head.weight is model.get_input_embeddings().weight
     after = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
     for old, new in zip(before, after, strict=True):
         assert (new.score_label, new.answer) == (old.score_label, old.answer)
         assert all(abs(new.logprobs[label] - old.logprobs[label]) < 1e-4 for label in LABELS)
-    assert all(time_kernel(model, kernel, repeats=1) > 0 for kernel in KERNELS)  # both time on a real model
+
+
+def test_reordered_onednn_weights_give_plain_onednn_s_outputs_to_the_bit():
+    from lorapipe.evaluation.kernels import onednn_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=True)
+    with torch.inference_mode():
+        for x in (torch.randn(3, 48), torch.randn(2, 7, 48), torch.randn(96, 48)):  # decoding, prefill, scoring
+            plain = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+            assert torch.equal(onednn_linear(layer)(x), plain)
+            torch.testing.assert_close(plain, layer(x), rtol=1e-5, atol=1e-5)  # and MKL's within rounding
+
+
+def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model):
+    from lorapipe.evaluation.kernels import KERNELS, time_kernels
+
+    rates = time_kernels(load_for_inference(taught_model), KERNELS, repeats=1)
+    assert rates.keys() == set(KERNELS) and all(rate > 0 for rate in rates.values())
 
 
 def test_bf16_inference_keeps_torch_s_own_kernels(taught_model):
     from lorapipe.evaluation.kernels import use_faster_fp32_kernel
 
     model = load_for_inference(taught_model)
-    assert use_faster_fp32_kernel(model, "bf16", measure=lambda kernel: 1.0 / 0) is None
+    assert use_faster_fp32_kernel(model, "bf16", rates={"mkl": 1.0, "onednn": 2.0}) is None
     assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -18,7 +18,7 @@ from lorapipe.classification import classification_metrics
 from lorapipe.config import NO_LABEL, EvalParams
 from lorapipe.evaluation.baseline import tfidf_predictions
 from lorapipe.evaluation.metrics import mean_scores, text_scores
-from lorapipe.host import peak_rss_mib
+from lorapipe.host import peak_rss_mib, release_free_memory
 from lorapipe.io import atomic_dir, atomic_file, write_json, write_jsonl
 from lorapipe.labels import read_labels
 from lorapipe.models.decoding import generate_answers, predict_sentiment
@@ -141,6 +141,7 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
         )
         # Held-out and out-of-sample instructions in one length-sorted run: fewer, fuller decoding batches.
         prompts = [r["prompt"] for r in data.instructions + data.out_of_sample]
+        release_free_memory()  # what the tweets left free, before the answers' cache (evaluation's peak) is made
         generated = _timed(
             seconds,
             "generation",

@@ -17,6 +17,11 @@ from pathlib import Path
 
 from lorapipe.errors import PipelineError
 
+# Texts the BERTScore encoder runs at once. bert_score's 64 pads every text of a batch to its longest (up to 512
+# tokens) and holds a 64 x 12 x 512 x 512 attention matrix; 16 scored the 40 held-out answers of each of the three
+# models in 1.4-1.9 s instead of 3.0-5.3, every score equal to the 4 decimals the metrics keep (within 6e-8).
+BERTSCORE_BATCH = 16
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -78,6 +83,7 @@ def bertscore_f1(predictions: Sequence[str], references: Sequence[str], encoder:
             model_type=resolve_encoder(encoder),
             num_layers=num_layers,
             lang="en",
+            batch_size=BERTSCORE_BATCH,
         )
         for i, value in zip(scored, f1.tolist(), strict=True):
             values[i] = value

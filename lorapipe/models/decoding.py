@@ -30,6 +30,10 @@ PASS_SLACK = 0.25  # a prefill pass runs at most 25 % padding
 # Open answers to tweets are decoded together once this many wait: a greedy step of 16 rows costs about what one
 # of 64 does on a CPU (the weights are read either way), and most of a chatty model's rows end within 2 tokens.
 GREEDY_ROWS = 96
+# Freed memory the allocator may hold between batches before it goes back to the system: trimming after every
+# batch kept base's evaluation at 2.8 GiB but faulted 4.4 million pages in afresh (13 s of system time); never
+# trimming took eval_all's second adapter to 3.1 GiB (README: Evaluation cost).
+FREE_HELD = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -289,7 +293,7 @@ def _prefilled_batches(
     log.info("%s: %d prompts, %d shared prefix tokens, batches of %d", what, len(ids), prefix.length, batch_size)
     for start in range(0, len(order), batch_size):
         refresh_threads()
-        release_free_memory()
+        release_free_memory(above=FREE_HELD)
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
         logits, fed_logits, state = _prefill(model, prefix, suffixes, pad_id, fed)
@@ -312,8 +316,10 @@ class _RoomyLayer(DynamicLayer):
 
     ``DynamicLayer`` concatenates the whole cache anew at every step: with 50 rows of 300 tokens that is a fresh
     11 MB tensor per layer, key and value, per token, and on a CPU those copies (and the page faults of their
-    allocation) took more time than the model's matrix products. The tensors the model sees are views of the
-    room, so its arithmetic is the same.
+    allocation) took more time than the model's matrix products. Rows that leave are dropped in place too: the
+    rows kept move to the front of the room, which keeps its size (a new room per drop held two caches at once,
+    evaluation's memory peak). The tensors the model sees are views of the room, laid out as a room of their own
+    rows would be, so its arithmetic is the same.
     """
 
     @classmethod
@@ -323,7 +329,7 @@ class _RoomyLayer(DynamicLayer):
             return layer
         roomy = cls()
         roomy.dtype, roomy.device, roomy.is_initialized = layer.dtype, layer.device, True
-        roomy._set(*(cls._spacious(tensor, room) for tensor in (layer.keys, layer.values)), layer.keys.shape[-2])
+        roomy._set(*(cls._spacious(tensor, room) for tensor in (layer.keys, layer.values)), *layer.keys.shape[:3:2])
         return roomy
 
     @staticmethod
@@ -333,21 +339,24 @@ class _RoomyLayer(DynamicLayer):
         spacious[:, :, :length] = tensor
         return spacious
 
-    def _set(self, key_room: torch.Tensor, value_room: torch.Tensor, length: int) -> None:
+    def _set(self, key_room: torch.Tensor, value_room: torch.Tensor, rows: int, length: int) -> None:
         self.key_room, self.value_room = key_room, value_room
-        self.keys, self.values = key_room[:, :, :length], value_room[:, :, :length]
+        self.keys, self.values = key_room[:rows, :, :length], value_room[:rows, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        length, new = self.keys.shape[-2], key_states.shape[-2]
+        rows, length, new = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
         if length + new > self.key_room.shape[-2]:  # out of room: twice as much again
-            self._set(*(self._spacious(tensor, length + new) for tensor in (self.keys, self.values)), length)
-        self.key_room[:, :, length : length + new] = key_states
-        self.value_room[:, :, length : length + new] = value_states
-        self._set(self.key_room, self.value_room, length + new)
+            self._set(*(self._spacious(tensor, length + new) for tensor in (self.keys, self.values)), rows, length)
+        self.key_room[:rows, :, length : length + new] = key_states
+        self.value_room[:rows, :, length : length + new] = value_states
+        self._set(self.key_room, self.value_room, rows, length + new)
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._set(self.key_room[indices], self.value_room[indices], self.keys.shape[-2])
+        rows, length = len(indices), self.keys.shape[-2]
+        for room in (self.key_room, self.value_room):
+            room[:rows, :, :length] = room[indices, :, :length]  # the kept rows, gathered first, then moved
+        self._set(self.key_room, self.value_room, rows, length)
 
 
 def _greedy(
@@ -384,7 +393,6 @@ def _greedy(
         if not going.all():
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            release_free_memory()  # the old, wider cache
             mask, position, token = mask[keep], position[keep], token[keep]
             live = [live[i] for i in keep.tolist()]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)

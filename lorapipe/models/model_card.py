@@ -123,4 +123,4 @@ def _precision_lines(summary: dict) -> list[str]:
         return []
     measured = ", ".join(f"{name} {rate:.2f}" for name, rate in rates.items())
     chosen = f"Precision {summary.get('precision')}, chosen by timing this CPU before training"
-    return ["", f"{chosen} ({measured} examples/s of a forward and backward pass)."]
+    return ["", f"{chosen} ({measured} examples/s of a {summary.get('precision_probe') or 'forward + backward'})."]

@@ -64,6 +64,8 @@ def _backbone_hidden(backbone, input_ids, attention_mask, prefix_length: int) ->
     )
     cache = prefix.past_key_values
     for layer in cache.layers:
+        if not layer.is_initialized:  # a layer the forward does not run (the precision probe runs a few)
+            continue
         layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
         layer.values = layer.values.expand(rows, *layer.values.shape[1:])
     positions = torch.arange(prefix_length, width, device=input_ids.device).expand(rows, -1)
