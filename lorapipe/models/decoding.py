@@ -31,8 +31,8 @@ PASS_SLACK = 0.25  # a prefill pass runs at most 25 % padding
 # of 64 does on a CPU (the weights are read either way), and most of a chatty model's rows end within 2 tokens.
 GREEDY_ROWS = 96
 # Freed memory the allocator may hold between batches before it goes back to the system: trimming after every
-# batch kept base's evaluation at 2.8 GiB but faulted 4.4 million pages in afresh (13 s of system time); never
-# trimming took eval_all's second adapter to 3.1 GiB (README: Evaluation cost).
+# batch kept base's evaluation at 2.8 GiB but faulted 4.4 million pages in afresh (13 s of system time); keeping
+# every freed block (keep_freed_memory, no trim) took eval_all's second adapter to 3,104 MiB (README: Evaluation cost).
 FREE_HELD = 512 * 2**20
 
 
