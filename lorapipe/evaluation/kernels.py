@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from lorapipe.models.loading import copy_out_of_mapped_file
+
 log = logging.getLogger(__name__)
 
 KERNELS = ("mkl", "onednn")
@@ -95,35 +97,22 @@ def use_faster_fp32_kernel(model, precision: str, rates: dict[str, float] | None
     """Time the kernels on ``model`` (``rates``: their GFLOP/s, measured elsewhere) and route every linear layer
     through the faster; what was chosen.
 
-    With oneDNN, each layer keeps only its reordered weight: ``weight`` is None afterwards, except where the
-    weight is shared with another module (an output head tied to the input embeddings), which stays plain. Only
+    With oneDNN, each layer keeps only its reordered weight: ``weight`` is None afterwards, except for an output
+    head tied to the input embeddings, which stays plain. Only
     for fp32 inference on a CPU: bf16 autocast and CUDA keep torch's own path (None).
     """
     if precision != "fp32" or next(model.parameters()).device.type != "cpu":
         return None
     choice = choose_kernel(rates or time_kernels(model, available_kernels()))
     if choice["kernel"] == "onednn":
-        shared = _shared_weights(model)
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
-                # A weight another module holds too (an output head tied to the input embeddings) stays plain: with
-                # a reordered copy of SmolLM2's head, eval_all peaked at 2,965-3,031 MiB instead of 2,849.
-                tied = module.weight.data_ptr() in shared
+                # An output head tied to the input embeddings stays plain: with a reordered copy of SmolLM2's
+                # head, eval_all peaked at 2,965-3,031 MiB instead of 2,849.
+                tied = module is head and module.weight is embeddings.weight
                 module.forward = onednn_linear(module, reorder=not tied)
                 if not tied:
                     module.weight = None  # the reordered copy is the one used: the plain one is let go
-        # The other weights (embeddings, norms) still view the memory-mapped safetensors file, which keeps all of
-        # its pages resident; copied out, the file's pages go (0.5 GB for the 135M model).
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.data = parameter.data.clone()
+        copy_out_of_mapped_file(model.parameters())
     return choice
-
-
-def _shared_weights(model) -> set[int]:
-    """Storage addresses of the weights that more than one module holds (tied input and output embeddings)."""
-    holders: dict[int, int] = {}
-    for module in model.modules():
-        for parameter in module.parameters(recurse=False):
-            holders[parameter.data_ptr()] = holders.get(parameter.data_ptr(), 0) + 1
-    return {address for address, count in holders.items() if count > 1}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,12 +127,17 @@ def store_frozen_linears_in_bf16(model) -> int:
     linears = _frozen_linears(model)
     for module in linears:
         module.to(torch.bfloat16)
-    # The other frozen tensors (embeddings, norms) still view the memory-mapped safetensors file, which keeps all
-    # of its pages resident; copied out, the file's 0.5 GB of fp32 weights are let go.
-    for param in model.parameters():
-        if not param.requires_grad and param.dtype == torch.float32:
-            param.data = param.data.clone()
+    copy_out_of_mapped_file(p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32)
     return len(linears)
+
+
+def copy_out_of_mapped_file(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Give ``parameters`` memory of their own. Weights loaded from safetensors view the memory-mapped file, and
+    while any of them does, all of the file's pages that were read stay resident: once the other weights are
+    replaced (stored in bf16, reordered for oneDNN), copying out the few left (embeddings, norms) lets the file's
+    0.5 GB of fp32 weights go."""
+    for parameter in parameters:
+        parameter.data = parameter.data.clone()
 
 
 @contextlib.contextmanager

@@ -308,12 +308,12 @@ def measure_precision(
 
 
 @contextlib.contextmanager
-def first_layers(model, count: int | None) -> Iterator[str]:
-    """Inside: ``model`` runs only its first ``count`` decoder layers (all of them if None, or if its decoder keeps
-    no ``layers`` list), and the context says which ("6 of 30 layers"); after: all of them again."""
+def first_layers(model, count: int) -> Iterator[str]:
+    """Inside: ``model`` runs only its first ``count`` decoder layers (all of them if it has no more, or if its
+    decoder keeps no ``layers`` list), and the context says which ("6 of 30 layers"); after: all of them again."""
     decoder = model.get_decoder()
     layers = getattr(decoder, "layers", None)
-    if count is None or not isinstance(layers, torch.nn.ModuleList) or count >= len(layers):
+    if not isinstance(layers, torch.nn.ModuleList) or count >= len(layers):
         yield "all layers"
         return
     decoder.layers = torch.nn.ModuleList(list(layers)[:count])
