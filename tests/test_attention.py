@@ -43,3 +43,25 @@ def test_shared_kv_attention_equals_sdpa_and_copies_no_heads(tiny_model, monkeyp
 
 def test_inference_on_a_cpu_loads_the_shared_kv_attention(tiny_model):
     assert load_for_inference(tiny_model).config._attn_implementation == SHARED_KV_SDPA
+
+
+@pytest.mark.parametrize("mask", ["none", "boolean", "additive"])
+def test_a_decoding_step_attends_as_sdpa_does(mask):
+    from lorapipe.models.attention import _grouped_step
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, keys, dim = 4, 6, 2, 9, 8
+    query, key, value = (
+        torch.randn(rows, heads, 1, dim),
+        torch.randn(rows, kv_heads, keys, dim),
+        torch.randn(rows, kv_heads, keys, dim),
+    )
+    attends = torch.ones((rows, 1, 1, keys), dtype=torch.bool)
+    attends[0, ..., :5] = attends[2, ..., 3:6] = False  # a padded row, a row with a masked middle
+    given = {"none": None, "boolean": attends}.get(mask)
+    if mask == "additive":
+        given = torch.zeros(attends.shape).masked_fill_(~attends, torch.finfo(torch.float32).min)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=None if mask == "none" else attends, enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(_grouped_step(query, key, value, given, None), expected, rtol=1e-5, atol=1e-6)

@@ -625,12 +625,16 @@ def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_one
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model, padding_side="left")
     before = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mlps = [m for m in model.modules() if hasattr(m, "gate_proj")]
     head = model.get_output_embeddings()
     rates = {kernel: 10.0 if kernel == faster else 5.0 for kernel in KERNELS}  # injected timings
     chosen = use_faster_fp32_kernel(model, "fp32", rates=rates)
     assert chosen == {"kernel": faster, "gflops": rates}
     patched = [m for m in linears if "forward" in vars(m)]
-    assert len(patched) == (0 if faster == "mkl" else len(linears))
+    fused = [m for m in mlps if "forward" in vars(m)]
+    assert mlps and len(fused) == (0 if faster == "mkl" else len(mlps))
+    # The gate and up products run inside their MLP's fused forward; every other layer through oneDNN.
+    assert len(patched) == (0 if faster == "mkl" else len(linears) - 2 * len(mlps))
     if faster == "onednn":  # each layer holds only its reordered weight; the head's is the embeddings' and stays
         assert all(m.weight is None for m in linears if m is not head)
         assert head.weight is model.get_input_embeddings().weight
@@ -650,6 +654,24 @@ def test_reordered_onednn_weights_give_plain_onednn_s_outputs_to_the_bit():
             plain = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
             assert torch.equal(onednn_linear(layer)(x), plain)
             torch.testing.assert_close(plain, layer(x), rtol=1e-5, atol=1e-5)  # and MKL's within rounding
+
+
+def test_a_gated_mlp_runs_its_activation_and_product_inside_onednn_with_the_same_outputs():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from lorapipe.evaluation.kernels import fused_gated_mlp
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
+    mlp = LlamaMLP(LlamaConfig(**sizes))
+    forward = fused_gated_mlp(mlp)
+    with torch.inference_mode():
+        for x in (torch.randn(3, 48), torch.randn(2, 7, 48)):  # a decoding step, a prefill
+            torch.testing.assert_close(forward(x), mlp(x), rtol=1e-5, atol=1e-6)
+    assert fused_gated_mlp(LlamaMLP(LlamaConfig(**sizes, hidden_act="gelu"))) is None
+    assert fused_gated_mlp(LlamaMLP(LlamaConfig(**sizes, mlp_bias=True))) is None
+    assert fused_gated_mlp(torch.nn.Linear(4, 4)) is None
 
 
 def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model):
