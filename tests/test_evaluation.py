@@ -314,6 +314,35 @@ def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full
     assert stopped_early == len(prompts)  # "positive." and no more: the rest cannot change the label
 
 
+def test_drafts_follow_the_latest_earlier_occurrence_of_the_answer_s_last_tokens():
+    drafts = decoding._Drafts([5, 6, 7, 8, 6, 7, 9])
+    assert drafts.after([6, 7], 3) == [9, 6, 7]  # (6, 7) last came before 9; the answer's own end is no match
+    assert drafts.after([6, 7], 1) == [9]
+    assert drafts.after([6, 7, 3], 2) == []  # nothing ever followed 3
+
+
+def test_drafted_tokens_that_greedy_picks_save_steps_and_change_no_answer(tiny_model, tmp_path, monkeypatch):
+    sentence = " The sea is wide and blue."
+    chatty = teach(tiny_model, tmp_path / "chatty", tail="." + sentence * 2)  # the second time, drafted from the first
+    model, tokenizer = load_for_inference(chatty), load_tokenizer(chatty, padding_side="left")
+    prompts = conversations()[:2]
+    steps = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(k["input_ids"].shape[1]) or forward(*a, **k))
+
+    def answers(draft_rows: int) -> tuple[list[str], list[int]]:
+        monkeypatch.setattr(decoding, "DRAFT_ROWS", draft_rows)
+        steps.clear()
+        texts = generate_answers(model, tokenizer, prompts, batch_size=2, max_new_tokens=24).texts
+        return texts, list(steps)
+
+    default = decoding.DRAFT_ROWS
+    plain, plain_steps = answers(0)  # no drafts: one token per row and step
+    drafted, drafted_steps = answers(default)
+    assert drafted == plain and any(answer.endswith(sentence * 2) for answer in plain)
+    assert len(drafted_steps) < len(plain_steps)  # the repeated sentence checked in one step, not one per token
+
+
 def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model, monkeypatch):
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
     greedy = generate_answers(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4).texts
