@@ -29,10 +29,15 @@ ROWS = 32 * 30  # a label-scoring batch: 32 tweets of about 30 tokens after the 
 DECODE_ROWS = 48  # a decoding step: one token of each answer still open
 
 
+def reordered(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in oneDNN's blocked layout for a label-scoring batch's rows, reordered once."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS)
+
+
 def onednn_linear(module: torch.nn.Linear, reorder: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
     """``module``'s forward through oneDNN's fp32 kernel, its weight reordered once into oneDNN's layout (or, if
     not ``reorder``, at every call, as oneDNN does with a plain weight: the same outputs)."""
-    weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), ROWS) if reorder else module.weight
+    weight = reordered(module.weight) if reorder else module.weight
     bias = module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +58,7 @@ def fused_gated_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
         return None
     if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
         return None
-    gate, up = (torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), ROWS) for layer in layers[:2])
+    gate, up = (reordered(layer.weight) for layer in layers[:2])
     down = layers[2]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +134,7 @@ def use_faster_fp32_kernel(model, precision: str, rates: dict[str, float] | None
     choice = choose_kernel(rates or time_kernels(model, available_kernels()))
     if choice["kernel"] == "onednn":
         head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-        for module in list(model.modules()):
+        for module in model.modules():
             fused = fused_gated_mlp(module)
             if fused is not None:
                 module.forward = fused

@@ -408,15 +408,13 @@ def _greedy(
             mask, position = mask[keep], position[keep]
             live = [row for row, on in zip(live, going, strict=True) if on]
         width = min(MAX_DRAFT, DRAFT_ROWS // len(live) - 1) if drafts is not None else 0
-        offered = [drafts[row].after(tokens[row], width) for row in live] if width > 0 else []
-        width = max(map(len, offered), default=0)
+        offered = [drafts[row].after(tokens[row], width) if width > 0 else [] for row in live]
+        width = max(map(len, offered))  # a row with fewer drafts is filled with its last token
         fed = torch.tensor(
             [
                 [tokens[row][-1], *(draft + [tokens[row][-1]] * width)[:width]]
                 for row, draft in zip(live, offered, strict=True)
-            ]
-            if width
-            else [[tokens[row][-1]] for row in live],
+            ],
             device=logits.device,
         )
         length = cache.get_seq_length()
@@ -435,8 +433,8 @@ def _greedy(
             for layer in cache.layers:
                 layer.cut(length + kept)
         columns = torch.arange(kept, device=mask.device)
-        mask = torch.cat([mask, (columns[None, :] <= accepted[:, None].to(mask.device)).to(mask.dtype)], dim=1)
-        position = position + accepted.to(position.device) + 1
+        mask = torch.cat([mask, (columns[None, :] <= accepted[:, None]).to(mask.dtype)], dim=1)
+        position = position + accepted + 1
         decided = [[*fed[j, 1 : 1 + n].tolist(), int(chosen[j, n])] for j, n in enumerate(accepted.tolist())]
     return [row[:-1] if row[-1] in stops else row for row in tokens]
 
