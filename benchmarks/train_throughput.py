@@ -38,8 +38,11 @@ from lorapipe.host import shared_cores
 from lorapipe.io import write_jsonl
 from lorapipe.models.loading import choose_hardware, load_causal_lm, load_tokenizer, store_frozen_linears_in_bf16
 from lorapipe.records import read_records
+from lorapipe.training.build import lora_config
+from lorapipe.training.fitting import tokenize_records
 from lorapipe.training.label_head import use_mask_dropout
-from lorapipe.training.recipe import TrainJob, lora_config, measure_precision, tokenize_records, train_adapter
+from lorapipe.training.probe import measure_precision
+from lorapipe.training.recipe import TrainJob, train_adapter
 
 MEASURE_SECONDS = 0.25  # per distinct shape and kind: a second or two a kind for a Llama model
 

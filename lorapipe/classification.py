@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from lorapipe.config import NO_LABEL
+from lorapipe.labels import NO_LABEL
 
 
 def classification_metrics(

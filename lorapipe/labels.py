@@ -14,11 +14,46 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from lorapipe.config import label_problems, label_words
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_json, write_json
 
 LABELS_FILE = "labels.json"
+NO_LABEL = "none"  # the confusion matrix's column for answers that name no label
+
+
+def label_words(label: str) -> list[str]:
+    return label.casefold().split()
+
+
+def label_problems(labels: Sequence[str]) -> str | None:
+    """Why ``labels`` cannot be a label set, or None: fewer than two, blank, duplicate (ignoring case and spacing),
+    or one contained word for word in another ("spam" in "not spam": an answer naming one would name both)."""
+    if len(labels) < 2:
+        return "needs at least two labels"
+    for label in labels:
+        if not label.strip() or label != label.strip() or "\n" in label:
+            return f"{label!r} is blank, has a line break, or starts or ends with a space"
+        if label.casefold() == NO_LABEL:
+            return f"{label!r} is the name the confusion matrix gives answers that name no label"
+        if not re.search(r"[^\W_]", label):
+            return f"{label!r} has no letter or digit, so no answer could be read as it"
+    seen: dict[str, str] = {}
+    for label in labels:
+        key = " ".join(label_words(label))
+        if key in seen:
+            return f"{label!r} and {seen[key]!r} are the same label (case and spacing aside)"
+        seen[key] = label
+    for label in labels:
+        for other in labels:
+            inner, outer = " ".join(label_words(label)), " ".join(label_words(other))
+            if inner != outer and f" {inner} " in f" {outer} ":
+                return (
+                    f"{label!r} is part of {other!r}: an answer naming {other!r} would name both; "
+                    "rename one (e.g. 'ham' and 'spam')"
+                )
+    return None
+
+
 # A label's edges may not touch a letter or digit: "Positive.", "**negative**" and "_positive_" name a label,
 # "positively" and "nonnegative" do not, so an adverb or a compound is never read as an answer.
 _EDGE_BEFORE, _EDGE_AFTER = r"(?<![^\W_])", r"(?![^\W_])"
@@ -64,13 +99,6 @@ class LabelSet:
         """The first label ``answer`` names (its prediction), or None if it names none."""
         match = self._pattern.search(answer)
         return self._canonical(match.group(1)) if match else None
-
-    def is_settled(self, answer: str) -> bool:
-        """Whether :meth:`parse` of any continuation of ``answer`` is already decided: its first label is followed
-        by a character that cannot extend it. No label lies inside another (:func:`label_problems`), so no label
-        that starts earlier can still end later."""
-        match = self._pattern.search(answer)
-        return match is not None and match.end() < len(answer)
 
 
 def write_labels(path: Path, labels: Sequence[str]) -> None:

@@ -95,7 +95,7 @@ def score(base: Path, adapter: Path | None, data: EvalData, params: EvalParams) 
     model, on = load_adapted(base, adapter, params.precision, params.adapter_base == "as_trained")
     tokenizer = load_tokenizer(tokenizer_dir(base, adapter), padding_side="left")
     log.info("loaded %s%s in %.1f s", base, f" + {adapter}" if adapter else "", time.perf_counter() - started)
-    kernel = use_faster_fp32_kernel(model, params.precision)
+    kernel = use_faster_fp32_kernel(model, params.precision, pinned=params.fp32_kernel)
     outputs = evaluate_model(model, tokenizer, data, params)
     if kernel is not None:
         outputs.metrics["fp32_kernel"] = kernel

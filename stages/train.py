@@ -47,6 +47,7 @@ def main() -> None:
         args.params,
         args.valid_file,
         args.labels,
+        script=Path(__file__),
     )
 
     def body() -> None:

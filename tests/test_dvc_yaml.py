@@ -1,7 +1,8 @@
 """dvc.yaml is honest: each stage's deps list exactly the lorapipe modules its script runs, and its cmd every path.
 
-Imports are read with ``ast`` (nothing is executed): a script's modules are those it imports, directly or
-through other lorapipe modules, including imports inside functions.
+Imports are read with ``ast`` (nothing is executed) by :mod:`lorapipe.code_deps`, which the train stage also uses
+to fingerprint its checkpoints: a script's modules are those it imports, directly or through other lorapipe
+modules, including imports inside functions.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from lorapipe.code_deps import code_deps as script_code_deps
+from lorapipe.code_deps import direct_imports
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 STAGES = DVC["stages"]
@@ -32,42 +35,6 @@ def render(text: str) -> str:
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
-def module_path(name: str) -> Path | None:
-    parts = name.split(".")
-    file = ROOT.joinpath(*parts).with_suffix(".py")
-    package = ROOT.joinpath(*parts) / "__init__.py"
-    return file if file.is_file() else package if package.is_file() else None
-
-
-def direct_imports(path: Path) -> set[Path]:
-    """The lorapipe modules (and the packages they sit in) that ``path`` imports anywhere in its code."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "lorapipe"}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "lorapipe":
-            found.add(node.module)
-            found |= {
-                f"{node.module}.{alias.name}" for alias in node.names if module_path(f"{node.module}.{alias.name}")
-            }
-    modules = set()
-    for name in found:
-        parts = name.split(".")
-        modules |= {module_path(".".join(parts[:i])) for i in range(1, len(parts) + 1)} - {None}
-    return modules
-
-
-def lorapipe_closure(script: Path) -> set[str]:
-    """Every lorapipe module ``script`` runs, as paths relative to the repository."""
-    seen: set[Path] = set()
-    todo = [script]
-    while todo:
-        for module in direct_imports(todo.pop()) - seen:
-            seen.add(module)
-            todo.append(module)
-    return {str(p.relative_to(ROOT)) for p in seen}
-
-
 def scripts(stage: dict) -> list[Path]:
     commands = stage["cmd"] if isinstance(stage["cmd"], list) else [stage["cmd"]]
     return sorted({ROOT / word for command in commands for word in command.split() if word.startswith("stages/")})
@@ -77,15 +44,9 @@ def paths_of(entries: list) -> list[str]:
     return [render(next(iter(e)) if isinstance(e, dict) else e) for e in entries]
 
 
-def dep_entry(module: str) -> str:
-    """How dvc.yaml names a module a stage runs: its subpackage's folder, or the shared top-level file."""
-    parts = Path(module).parts
-    return "/".join(parts[:2]) if len(parts) > 2 else module
-
-
 def code_deps(stage: dict) -> set[str]:
     """The lorapipe deps a stage must declare: the folders and shared modules its scripts run."""
-    return {dep_entry(m) for script in scripts(stage) for m in lorapipe_closure(script)}
+    return {dep for script in scripts(stage) for dep in script_code_deps(script)}
 
 
 @pytest.mark.parametrize("name", STAGES)

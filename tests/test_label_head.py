@@ -17,8 +17,8 @@ from conftest import instruction_rows, sentiment_rows, tiny_params
 from lorapipe.config import parse_params
 from lorapipe.models.loading import choose_hardware, load_causal_lm, load_tokenizer
 from lorapipe.training.batching import grouped_batches, prefix_key
+from lorapipe.training.build import lora_config, sft_config
 from lorapipe.training.label_head import shared_prefix_length
-from lorapipe.training.recipe import lora_config, sft_config
 from lorapipe.training.trainer import LabelHeadSFTTrainer
 
 
@@ -169,7 +169,7 @@ def test_a_model_that_scales_its_logits_trains_with_its_own_forward(tmp_path, ti
     from transformers import GraniteConfig, GraniteForCausalLM
 
     from lorapipe.training.label_head import label_head_agrees, supports_label_head
-    from lorapipe.training.recipe import probe_batch, use_label_head
+    from lorapipe.training.probe import probe_batch, use_label_head
 
     tokenizer = load_tokenizer(tiny_model)
     rows = sentiment_rows(params.prompt, 4)

@@ -53,36 +53,9 @@ def test_multi_word_labels_are_read_whole_and_several_are_reported(answer, named
     assert TICKETS.parse(answer) == (named[0] if named else None)
 
 
-@pytest.mark.parametrize(
-    ("answer", "settled"),
-    [
-        ("Positive.", True),
-        ("The sentiment is negative", False),  # "negative" could still grow into "negatively"
-        ("The sentiment is negative\n", True),
-        ("positively", False),
-        ("It is positive, not negative", True),
-        ("no label yet", False),
-        ("", False),
-    ],
-)
-def test_a_label_is_settled_once_no_continuation_can_change_the_parse(answer, settled):
-    assert BINARY.is_settled(answer) is settled
-    if settled:
-        assert BINARY.parse(answer + "ly and more") == BINARY.parse(answer)
-
-
-def test_a_multi_word_label_is_settled_only_when_whole():
-    assert not TICKETS.is_settled("technical")
-    assert not TICKETS.is_settled("technical issue")  # "issues" would be no label
-    assert TICKETS.is_settled("technical issue.")
-    for tail in ("s", " of billing", "\nother"):
-        assert TICKETS.parse("technical issue." + tail) == "technical issue"
-
-
 def test_a_character_prefix_is_another_label_not_an_ambiguity():
     labels = LabelSet(("pos", "positive"))
     assert labels.parse("positive") == "positive" and labels.parse("pos.") == "pos"
-    assert not labels.is_settled("pos")  # it may still grow into "positive"
 
 
 def test_label_sets_that_read_ambiguously_are_refused():

@@ -88,7 +88,8 @@ def changed_stages(repo: Path) -> set[str]:
 
 
 def test_editing_any_lorapipe_module_changes_exactly_the_stages_that_run_its_folder_or_file(repo):
-    from test_dvc_yaml import STAGES, code_deps, dep_entry
+    from lorapipe.code_deps import dep_entry
+    from test_dvc_yaml import STAGES, code_deps
 
     users = {name: code_deps(stage) for name, stage in STAGES.items()}
     assert changed_stages(repo) == set()

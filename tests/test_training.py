@@ -14,12 +14,15 @@ from conftest import LABELS, ROOT, TWEETS, sentiment_rows, tiny_params, tweet_re
 from lorapipe.config import parse_params
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
+from lorapipe.host import PrecisionChoice
 from lorapipe.io import read_json, write_jsonl
 from lorapipe.labels import write_labels
 from lorapipe.models.decoding import score_labels
 from lorapipe.models.loading import choose_hardware, load_for_inference, load_tokenizer
 from lorapipe.records import read_records, record
-from lorapipe.training.recipe import TrainJob, fit_to_max_length, lora_config, sft_config, train_adapter
+from lorapipe.training.build import lora_config, sft_config
+from lorapipe.training.fitting import fit_to_max_length
+from lorapipe.training.recipe import TrainJob, train_adapter
 
 
 @pytest.fixture()
@@ -195,18 +198,16 @@ class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model, params, monkeypatch):
+def interrupted(job: TrainJob, params, train, monkeypatch) -> None:
+    """Run ``train`` on ``job`` until an exception at optimizer step 5 stops it (checkpoints at 2 and 4 stay)."""
     from transformers import TrainerCallback
 
-    train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
-    job = make_job(tmp_path, tiny_model, params)
+    import lorapipe.training.trainer
 
     class StopAfterFive(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 5:
                 raise Interrupt
-
-    import lorapipe.training.trainer
 
     original = lorapipe.training.trainer.LabelHeadSFTTrainer.__init__
 
@@ -214,19 +215,83 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_mode
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), StopAfterFive()]
         original(self, *args, **kwargs)
 
-    monkeypatch.setattr(lorapipe.training.trainer.LabelHeadSFTTrainer, "__init__", with_interrupt)
-    with pytest.raises(Interrupt):
-        train_adapter(job, params.lora, train)
-    assert not job.adapter_out.exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(lorapipe.training.trainer.LabelHeadSFTTrainer, "__init__", with_interrupt)
+        with pytest.raises(Interrupt):
+            train_adapter(job, params.lora, train)
     assert sorted(p.name for p in job.checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    monkeypatch.setattr(lorapipe.training.trainer.LabelHeadSFTTrainer, "__init__", original)
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, tiny_model, params, monkeypatch):
+    train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
+    job = make_job(tmp_path, tiny_model, params)
+    interrupted(job, params, train, monkeypatch)
+    assert not job.adapter_out.exists()
 
     summary = train_adapter(job, params.lora, train)
-    assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 6
+    assert summary["resumed_from"] == "checkpoint-4" and summary["steps"] == 6 and summary["steps_trained"] == 2
     assert_same_adapter(job.adapter_out, uninterrupted(tmp_path, tiny_model, params, train))
 
+    interrupted(job, params, train, monkeypatch)
     changed = params.lora.model_copy(update={"r": 4})
     assert train_adapter(job, changed, train)["resumed_from"] is None
+
+
+def test_a_finished_run_leaves_no_checkpoint_behind(tmp_path, tiny_model, params, caplog):
+    train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
+    job = make_job(tmp_path, tiny_model, params, live=False)
+    with caplog.at_level(logging.INFO):
+        summary = train_adapter(job, params.lora, train)
+    assert summary["steps"] == summary["steps_trained"] == 6 and summary["resumed_from"] is None
+    assert (job.adapter_out / "adapter_model.safetensors").exists()
+    # Only the stamp stays (DVC tracks the folder): a rerun under new code starts from step 0, not "resumes" at 6.
+    assert [p.name for p in job.checkpoints.iterdir()] == ["fingerprint.json"]
+    assert any("removed 2 checkpoint(s)" in r.getMessage() for r in caplog.records)  # train.save_total_limit
+    again = train_adapter(job, params.lora, train)
+    assert again["resumed_from"] is None and again["steps_trained"] == 6
+
+
+def test_a_changed_code_hash_or_library_version_restarts_training_from_step_0(
+    tmp_path, tiny_model, params, monkeypatch, caplog
+):
+    import importlib.metadata
+
+    train = params.train.model_copy(update={"max_steps": 6, "save_steps": 2})
+    script = tmp_path / "train_stage.py"  # a stand-in for stages/train.py: the code deps are read from it
+    script.write_text("from lorapipe.training.recipe import train_adapter\n")
+    job = make_job(tmp_path, tiny_model, params, live=False)
+    job = TrainJob(**{**job.__dict__, "script": script})
+
+    interrupted(job, params, train, monkeypatch)
+    script.write_text(script.read_text() + "# an edit of the code the stage runs\n")
+    with caplog.at_level(logging.INFO):
+        summary = train_adapter(job, params.lora, train)
+    assert summary["resumed_from"] is None and summary["steps_trained"] == 6
+    assert any("come from other code: starting over" in r.message for r in caplog.records)
+
+    interrupted(job, params, train, monkeypatch)
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "peft" else version(name))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        summary = train_adapter(job, params.lora, train)
+    assert summary["resumed_from"] is None and summary["steps_trained"] == 6
+    assert any("come from other libraries: starting over" in r.message for r in caplog.records)
+
+
+def test_checkpoints_of_another_precision_are_not_resumed(tmp_path, tiny_model, params, monkeypatch, caplog):
+    fp32 = params.train.model_copy(update={"max_steps": 6, "save_steps": 2, "cpu_precision": "fp32"})
+    job = make_job(tmp_path, tiny_model, params, live=False)
+    interrupted(job, params, fp32, monkeypatch)
+    # auto picked the other precision on this host this time: the arithmetic differs, so nothing is resumed.
+    monkeypatch.setattr(
+        "lorapipe.training.recipe.measure_precision", lambda *args, **kwargs: PrecisionChoice("bf16", {"bf16": 2.0})
+    )
+    auto = fp32.model_copy(update={"cpu_precision": "auto"})
+    with caplog.at_level(logging.INFO):
+        summary = train_adapter(job, params.lora, auto)
+    assert summary["precision"] == "bf16" and summary["resumed_from"] is None and summary["steps_trained"] == 6
+    assert any("come from other host, train: starting over" in r.message for r in caplog.records)
 
 
 KILL_WHILE_SAVING = """
@@ -437,7 +502,7 @@ def test_a_padding_free_batch_gives_the_padded_batch_loss_and_lora_gradients(tin
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from conftest import instruction_rows
-    from lorapipe.training.recipe import lora_config
+    from lorapipe.training.build import lora_config
 
     tokenizer = load_tokenizer(tiny_model)
     rows = sentiment_rows(params.prompt, 2) + instruction_rows(params.prompt, 2)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lorapipe.classification import classification_metrics
-from lorapipe.config import NO_LABEL, EvalParams
+from lorapipe.config import EvalParams
 from lorapipe.evaluation.baseline import tfidf_predictions
 from lorapipe.evaluation.metrics import mean_scores, text_scores
 from lorapipe.host import peak_rss_mib, release_free_memory
 from lorapipe.io import atomic_dir, atomic_file, write_json, write_jsonl
-from lorapipe.labels import read_labels
+from lorapipe.labels import NO_LABEL, read_labels
 from lorapipe.models.decoding import generate_answers, predict_sentiment
 from lorapipe.models.loading import inference_precision
 from lorapipe.records import answer_text, read_records
@@ -166,7 +166,8 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
     several = round(sum(p.labels_named > 1 for p in predictions) / len(predictions), 4)
     metrics = {
         "sentiment": {
-            # An answer naming several labels counts as its first (several_labels_rate says how often).
+            # An answer naming several labels counts as its first (several_labels_rate says how often, counted on
+            # the whole answers, as predict_sentiment decodes each to its end).
             "generate": {**_sentiment_scores(actual, generated_labels, data.labels), "several_labels_rate": several},
             "score": _sentiment_scores(actual, [p.score_label for p in predictions], data.labels, no_label=False),
         },

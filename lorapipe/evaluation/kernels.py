@@ -10,6 +10,13 @@ oneDNN runs each weight from its own blocked layout. Handed a plain weight, it r
 weights are reordered once here instead (``_reorder_linear_weight``), which gives the same outputs to the bit
 and, on the Zen 4, 6 % more speed for a label-scoring batch (1,100 rows), 20 % for a decoding step of 50 rows
 and 90 % for one of 8 (README: Evaluation cost). The layers then hold only the reordered copy.
+
+The two kernels differ in the last digits of every logprob, so the choice decides the prediction files' bytes:
+oneDNN is taken only when it leads by ``KERNEL_MARGIN`` (a close call takes MKL, torch's own path, so that a
+shared host's load does not flip it between runs), the choice is recorded in the metrics, and
+``eval.fp32_kernel`` pins it. oneDNN is reached through torch's private ``torch.ops.mkldnn`` operators: they
+are checked on a small layer first, and a missing or changed one falls back to MKL with one warning (or stops
+with one line where ``eval.fp32_kernel: onednn`` asks for it).
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from collections.abc import Callable
 
 import torch
 
+from lorapipe.errors import PipelineError
 from lorapipe.models.loading import copy_out_of_mapped_file
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("mkl", "onednn")
+DEFAULT_KERNEL = "mkl"  # torch's own fp32 path: what a close call takes
+KERNEL_MARGIN = 1.10  # oneDNN is taken only when its rate is at least this many times MKL's
 ROWS = 32 * 30  # a label-scoring batch: 32 tweets of about 30 tokens after the shared prefix
 DECODE_ROWS = 48  # a decoding step: one token of each answer still open
 
@@ -69,9 +79,40 @@ def fused_gated_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tens
     return forward
 
 
+def onednn_problem() -> str | None:
+    """Why oneDNN's private operators cannot be used here (missing, or changed: they raise or compute otherwise than
+    ``F.linear`` on a small layer), or None where they can."""
+    if not torch.backends.mkldnn.is_available():
+        return "torch was built without oneDNN"
+    generator = torch.Generator().manual_seed(0)
+    x, weight, up = (torch.randn(shape, generator=generator) for shape in ((4, 16), (8, 16), (8, 16)))
+    expected = torch.nn.functional.linear(x, weight)
+    checks = (
+        ("_reorder_linear_weight", lambda: reordered(weight), None),
+        ("_linear_pointwise", lambda: torch.ops.mkldnn._linear_pointwise(x, reordered(weight), None, "none", [], ""),
+         expected),
+        ("_linear_pointwise.binary",
+         lambda: torch.ops.mkldnn._linear_pointwise.binary(x, expected, reordered(up), None, "mul"),
+         expected * torch.nn.functional.linear(x, up)),
+    )  # fmt: skip
+    for name, run, want in checks:
+        try:
+            got = run()
+        except (AttributeError, RuntimeError, TypeError) as err:
+            first_line = (str(err).splitlines() or [""])[0]
+            return f"torch.ops.mkldnn.{name} failed: {type(err).__name__}: {first_line}"
+        if want is not None and (not torch.is_tensor(got) or not torch.allclose(got, want, rtol=1e-4, atol=1e-5)):
+            return f"torch.ops.mkldnn.{name} no longer computes what F.linear does"
+    return None
+
+
 def available_kernels() -> tuple[str, ...]:
-    """MKL (torch's own fp32 path) always; oneDNN where torch was built with it."""
-    return KERNELS if torch.backends.mkldnn.is_available() else KERNELS[:1]
+    """MKL (torch's own fp32 path) always; oneDNN where its operators work as expected (else one warning)."""
+    problem = onednn_problem()
+    if problem is None:
+        return KERNELS
+    log.warning("fallback: fp32 linear kernel mkl (torch's own): %s", problem)
+    return KERNELS[:1]
 
 
 def _linear_shapes(model) -> dict[tuple[int, ...], tuple[torch.nn.Linear, int]]:
@@ -109,21 +150,36 @@ def time_kernels(model, kernels: tuple[str, ...] = KERNELS, repeats: int = 3) ->
     return {kernel: flops[kernel] / seconds[kernel] / 1e9 for kernel in kernels}
 
 
-def choose_kernel(rates: dict[str, float]) -> dict:
-    """The kernel with the highest rate (kernel -> GFLOP/s), with every rate."""
+def choose_kernel(rates: dict[str, float], margin: float = KERNEL_MARGIN) -> dict:
+    """The kernel with the highest rate (kernel -> GFLOP/s) where it leads the default by ``margin``, else the
+    default; with every rate and how it was chosen."""
     rates = {kernel: round(rate, 1) for kernel, rate in rates.items()}
-    choice = max(rates, key=lambda kernel: rates[kernel])
+    fastest = max(rates, key=lambda kernel: rates[kernel])
+    close = fastest != DEFAULT_KERNEL and DEFAULT_KERNEL in rates and rates[fastest] < margin * rates[DEFAULT_KERNEL]
+    choice = DEFAULT_KERNEL if close else fastest
+    chosen_by = f"close call (within {margin - 1:.0%}): the default" if close else "measured faster"
     log.info(
-        "fp32 linear kernel: %s measured faster on this CPU (%s GFLOP/s)",
+        "fp32 linear kernel: %s, %s on this CPU (%s GFLOP/s)",
         choice,
+        chosen_by,
         ", ".join(f"{kernel} {rate}" for kernel, rate in rates.items()),
     )
-    return {"kernel": choice, "gflops": rates}
+    return {"kernel": choice, "gflops": rates, "chosen_by": chosen_by}
 
 
-def use_faster_fp32_kernel(model, precision: str, rates: dict[str, float] | None = None) -> dict | None:
-    """Time the kernels on ``model`` (``rates``: their GFLOP/s, measured elsewhere) and route every linear layer
-    through the faster; what was chosen.
+def pinned_kernel(kernel: str) -> dict:
+    """``eval.fp32_kernel`` set to a kernel: used as it is, untimed; oneDNN must work here."""
+    if kernel == "onednn" and (problem := onednn_problem()) is not None:
+        raise PipelineError(f"eval.fp32_kernel: onednn cannot run here ({problem}); set it to mkl or auto")
+    log.info("fp32 linear kernel: %s (eval.fp32_kernel)", kernel)
+    return {"kernel": kernel, "gflops": None, "chosen_by": "eval.fp32_kernel"}
+
+
+def use_faster_fp32_kernel(
+    model, precision: str, rates: dict[str, float] | None = None, pinned: str = "auto"
+) -> dict | None:
+    """Time the kernels on ``model`` (``rates``: their GFLOP/s, measured elsewhere; ``pinned``: a kernel to use
+    untimed, ``eval.fp32_kernel``) and route every linear layer through the chosen one; what was chosen.
 
     With oneDNN, each layer keeps only its reordered weight: ``weight`` is None afterwards, except for an output
     head tied to the input embeddings, which stays plain. Only
@@ -131,7 +187,10 @@ def use_faster_fp32_kernel(model, precision: str, rates: dict[str, float] | None
     """
     if precision != "fp32" or next(model.parameters()).device.type != "cpu":
         return None
-    choice = choose_kernel(rates or time_kernels(model, available_kernels()))
+    if pinned != "auto":
+        choice = pinned_kernel(pinned)
+    else:
+        choice = choose_kernel(rates or time_kernels(model, available_kernels()))
     if choice["kernel"] == "onednn":
         head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
         for module in model.modules():

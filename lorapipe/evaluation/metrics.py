@@ -17,9 +17,8 @@ from pathlib import Path
 
 from lorapipe.errors import PipelineError
 
-# Texts the BERTScore encoder runs at once. bert_score's 64 pads every text of a batch to its longest (up to 512
-# tokens) and holds a 64 x 12 x 512 x 512 attention matrix; 16 scored the 40 held-out answers of each of the three
-# models in 1.4-1.9 s instead of 3.0-5.3, every score equal to the 4 decimals the metrics keep (within 6e-8).
+# Texts the BERTScore encoder runs at once: bert_score's 64 pads every text of a batch to its longest and holds a
+# 64-row attention matrix of that length; 16 took half the time with the same scores (docs/evaluation-cost.md).
 BERTSCORE_BATCH = 16
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

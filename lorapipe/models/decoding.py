@@ -10,21 +10,21 @@ greedy loop continues from the same cache.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from lorapipe.host import refresh_threads, release_free_memory
 from lorapipe.labels import LabelSet
+from lorapipe.models import cache_edits
 from lorapipe.records import Conversation
 
 log = logging.getLogger(__name__)
+_RoomyLayer = cache_edits.RoomyLayer  # where earlier code and tests knew it
 
 PASS_SLACK = 0.25  # a prefill pass runs at most 25 % padding
 # Open answers to tweets are decoded together once this many wait: a greedy step of 16 rows costs about what one
@@ -79,18 +79,49 @@ def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def fit_prompts(ids: list[list[int]], max_tokens: int | None) -> tuple[list[list[int]], list[bool]]:
-    """Prompts longer than ``max_tokens`` cut in the middle: the opening every prompt shares (system turn and
-    instruction) and the end (the rest of the user turn and the assistant header, where the answer starts) stay.
+def fit_prompts(
+    tokenizer, conversations: Sequence[Conversation], max_tokens: int | None
+) -> tuple[list[list[int]], list[bool]]:
+    """Each conversation's prompt tokens, those longer than ``max_tokens`` cut in the middle; and whether each was.
 
-    Each row's flag says whether it was cut. A pasted article or a spam row of 100,000 characters would otherwise
-    run for minutes at many GiB, or past the model's context.
+    A cut prompt keeps its opening (the system turn, the last user turn's header and its content's first line: the
+    instruction) and its end (the rest of the user turn and the assistant header, where the answer starts), each
+    found in that prompt alone, so a prompt is cut the same way whatever other prompts it is run with. A pasted
+    article or a spam row of 100,000 characters would otherwise run for minutes at many GiB, or past the context.
     """
-    if max_tokens is None or all(len(row) <= max_tokens for row in ids):
+    texts = render(tokenizer, conversations)
+    ids = encode(tokenizer, texts)
+    if max_tokens is None:
         return ids, [False] * len(ids)
-    head = min(common_prefix_length(ids), max_tokens // 2)
-    fitted = [row if len(row) <= max_tokens else row[:head] + row[len(row) - (max_tokens - head) :] for row in ids]
+    fitted = [
+        row if len(row) <= max_tokens else _cut(tokenizer, conversation, text, row, max_tokens)
+        for conversation, text, row in zip(conversations, texts, ids, strict=True)
+    ]
     return fitted, [len(row) > max_tokens for row in ids]
+
+
+def _cut(tokenizer, conversation: Conversation, text: str, row: list[int], max_tokens: int) -> list[int]:
+    """``row`` (``text``'s tokens) cut to ``max_tokens``: its head up to the instruction's end, then its end, which
+    keeps at least the tokens after the last user turn's content and a quarter of ``max_tokens`` more."""
+    head, closing = max_tokens // 2, 0  # a conversation whose text does not hold its content verbatim
+    content = next((m["content"] for m in reversed(conversation) if m.get("role") == "user"), "")
+    start = text.rfind(content) if content else -1
+    if start >= 0:
+        instruction_end = start + len(content.split("\n", 1)[0])
+        head = _leading_tokens(tokenizer, text[:instruction_end], row)
+        closing = len(encode(tokenizer, [text[start + len(content) :]])[0])
+    tail_floor = min(max_tokens, closing + max(1, max_tokens // 4))
+    head = max(0, min(head, max_tokens - tail_floor))
+    return row[:head] + row[len(row) - (max_tokens - head) :]
+
+
+def _leading_tokens(tokenizer, opening: str, row: list[int]) -> int:
+    """How many leading tokens of ``row`` encode ``opening``'s text (a token that runs past its end excluded)."""
+    piece = encode(tokenizer, [opening])[0]
+    count = 0
+    while count < min(len(piece), len(row)) and piece[count] == row[count]:
+        count += 1
+    return count
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -114,22 +145,7 @@ class Prefix:
             self.cache = model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=True).past_key_values
 
     def for_batch(self, size: int):
-        return repeated(self.cache, size) if self.cache is not None else None
-
-
-def repeated(cache, times: int):
-    """A new cache with each row of ``cache`` repeated ``times`` times; ``cache`` itself is left as it is."""
-    clone = shallow_copy(cache)
-    clone.batch_repeat_interleave(times)
-    return clone
-
-
-def shallow_copy(cache):
-    """A cache that a forward can extend while ``cache`` stays as it is: a shallow copy of it and its layers is
-    enough, as every update puts new tensors in the copy's layers rather than writing into the old ones."""
-    clone = copy.copy(cache)
-    clone.layers = [copy.copy(layer) for layer in cache.layers]
-    return clone
+        return cache_edits.repeated(self.cache, size) if self.cache is not None else None
 
 
 @dataclass(frozen=True)
@@ -156,17 +172,29 @@ class _Fed:
         return (label_of[:, None] == label_of[None, :]) & (offset[:, None] >= offset[None, :])
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Batch:
     """A prefilled batch: the rows' indices in the input, their tokens after the prefix, next-token logits, the
-    logits after each fed token (rows x fed x vocabulary; None if nothing was fed), state."""
+    logits after each fed token (rows x fed x vocabulary; None if nothing was fed), state.
+
+    The state is handed over (:meth:`take_state`) rather than read: decoding moves its cache into a cache of its
+    own, and the prefill's tensors can be freed only where nothing else still holds them.
+    """
 
     rows: list[int]
     prefix: Prefix
     suffixes: list[list[int]]
     logits: torch.Tensor
     fed_logits: torch.Tensor | None
-    state: _State
+    state: _State | None
+    alone: bool = False  # its state cannot be merged with others' (a sliding window's cache, :func:`_plain_batch`)
+
+    def take_state(self) -> _State:
+        """The decoding state, which this batch no longer holds."""
+        state, self.state = self.state, None
+        if state is None:
+            raise RuntimeError("a batch's decoding state was taken twice")
+        return state
 
 
 def _fed_mask(model, real: torch.Tensor, prefix_length: int, fed: _Fed) -> torch.Tensor:
@@ -180,15 +208,6 @@ def _fed_mask(model, real: torch.Tensor, prefix_length: int, fed: _Fed) -> torch
     return torch.zeros(sees.shape, dtype=model.dtype, device=model.device).masked_fill_(
         ~sees, torch.finfo(model.dtype).min
     )[:, None]
-
-
-def _without_fed(cache, fed_count: int):
-    """``cache`` with its last ``fed_count`` tokens (the fed ones, which greedy decoding must not see) cut off."""
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, :-fed_count], layer.values[:, :, :-fed_count]
-        if hasattr(layer, "cumulative_length"):  # a sliding-window layer (Mistral) sizes its masks by it
-            layer.cumulative_length -= fed_count
-    return cache
 
 
 def _prefill_pass(
@@ -220,7 +239,7 @@ def _prefill_pass(
         use_cache=True,
         logits_to_keep=fed_count + 1,
     )
-    cache = _without_fed(out.past_key_values, fed_count) if fed_count else out.past_key_values
+    cache = cache_edits.drop_last(out.past_key_values, fed_count) if fed_count else out.past_key_values
     state = _State(cache, mask.to(model.device), next_position.to(model.device))
     return out.logits[:, 0], out.logits[:, 1:] if fed_count else None, state
 
@@ -261,13 +280,7 @@ def _merged(states: list[_State], prefix_length: int) -> _State:
     def widened(tensors: Iterable[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat([_widened(t, prefix_length, n, dim) for t, n in zip(tensors, pads, strict=True)])
 
-    cache = states[0].cache
-    for layer, *parts in zip(cache.layers, *(state.cache.layers for state in states), strict=True):
-        layer.keys, layer.values = widened((p.keys for p in parts), 2), widened((p.values for p in parts), 2)
-        if hasattr(layer, "cumulative_length"):  # a sliding-window layer (Mistral) sizes its masks by it
-            layer.cumulative_length = width
-        for part in parts[1:]:
-            part.keys = part.values = None
+    cache = cache_edits.merged([state.cache for state in states], widened)
     mask = widened((state.mask for state in states), 1)
     return _State(cache, mask, torch.cat([state.next_position for state in states]))
 
@@ -301,10 +314,63 @@ def _prefilled_batches(
         release_free_memory(above=FREE_HELD)
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
-        logits, fed_logits, state = _prefill(model, prefix, suffixes, pad_id, fed)
-        yield _Batch(rows, prefix, suffixes, logits, fed_logits, state)
+        # Built in the yield, not held in a local: this generator's frame must not keep the state alive.
+        yield _Batch(rows, prefix, suffixes, *_prefill(model, prefix, suffixes, pad_id, fed))
         done += len(rows)
         log.info("%s: %d/%d (%.1f examples/s)", what, done, len(ids), done / (time.perf_counter() - started))
+
+
+def _past_window(model, ids: Sequence[Sequence[int]], extra: int, what: str) -> bool:
+    """Whether a row of ``ids`` with ``extra`` more tokens reaches the model's sliding window (logged once).
+
+    The shared-prefix batches put padding and fed label tokens among a row's columns and pass a mask of their own,
+    which a sliding-window layer counts and slides over as if they were the row's tokens: within the window that
+    changes nothing, past it the row attends to the wrong tokens. Such rows go one at a time, as transformers runs
+    them, instead.
+    """
+    window = cache_edits.sliding_window(model.config)
+    if window is None or max(map(len, ids)) + extra < window:
+        return False
+    log.info("%s: prompts reach the model's %d-token sliding window; decoded one at a time, unpadded", what, window)
+    return True
+
+
+def _plain_batch(model, row: int, prompt: Sequence[int]) -> _Batch:
+    """``prompt`` alone, unpadded, on transformers' own cache and masks: the next-token logits and decoding state."""
+    ids = torch.tensor([list(prompt)], device=model.device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+    state = _State(out.past_key_values, torch.ones_like(ids), torch.tensor([len(prompt)], device=model.device))
+    return _Batch([row], Prefix(model, []), [list(prompt)], out.logits[:, -1], None, state, alone=True)
+
+
+def _plain_batches(model, ids: list[list[int]], what: str) -> Iterator[_Batch]:
+    """One batch per prompt (:func:`_plain_batch`), shortest first; logs examples/s as the caller consumes them."""
+    started = time.perf_counter()
+    for done, row in enumerate(sorted(range(len(ids)), key=lambda i: len(ids[i])), start=1):
+        refresh_threads()
+        release_free_memory(above=FREE_HELD)
+        yield _plain_batch(model, row, ids[row])
+        log.debug("%s: %d/%d (%.1f examples/s)", what, done, len(ids), done / (time.perf_counter() - started))
+
+
+def _plain_label_logprobs(
+    model, prompt: Sequence[int], answers: dict[str, list[int]], pad_id: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`_label_logprobs` for one prompt without fed tokens or a shared prefix: each label's tokens after the
+    prompt as a row of its own (padded at the end, where no earlier token sees it), in one stock forward."""
+    sequences = [[*prompt, *tokens[:-1]] for tokens in answers.values()]
+    width = max(map(len, sequences))
+    ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in sequences], device=model.device)
+    lengths = torch.tensor([len(row) for row in sequences], device=model.device)
+    mask = (torch.arange(width, device=model.device)[None] < lengths[:, None]).long()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, len(prompt) - 1 :].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    scores, after_first = {}, []
+    for i, (label, tokens) in enumerate(answers.items()):
+        steps = torch.arange(len(tokens), device=model.device)
+        scores[label] = logprobs[i, steps, torch.tensor(tokens, device=model.device)].sum()[None]
+        after_first.append(int(logits[i, 1].argmax()) if len(tokens) > 1 else -1)  # -1: the label ends at once
+    return scores, torch.tensor([after_first], device=model.device)
 
 
 def stop_ids(model, tokenizer) -> set[int]:
@@ -316,95 +382,37 @@ def stop_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-class _RoomyLayer(DynamicLayer):
-    """A cache layer that writes each step's keys and values into room set aside for them.
-
-    ``DynamicLayer`` concatenates the whole cache anew at every step: with 50 rows of 300 tokens that is a fresh
-    11 MB tensor per layer, key and value, per token, and on a CPU those copies (and the page faults of their
-    allocation) took more time than the model's matrix products. Rows that leave are dropped in place too: the
-    rows kept move to the front of the room, which keeps its size (a new room per drop held two caches at once,
-    evaluation's memory peak). The tensors the model sees are views of the room, laid out as a room of their own
-    rows would be, so its arithmetic is the same.
-    """
-
-    @classmethod
-    def with_room(cls, layer: DynamicLayer, room: int) -> DynamicLayer:
-        """A copy of ``layer`` with room for ``room`` more tokens; a layer of another kind (sliding) as it is."""
-        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.numel() == 0:
-            return layer
-        roomy = cls()
-        roomy.dtype, roomy.device, roomy.is_initialized = layer.dtype, layer.device, True
-        roomy._set(*(cls._spacious(tensor, room) for tensor in (layer.keys, layer.values)), *layer.keys.shape[:3:2])
-        return roomy
-
-    @staticmethod
-    def _spacious(tensor: torch.Tensor, room: int) -> torch.Tensor:
-        rows, heads, length, dim = tensor.shape
-        spacious = tensor.new_empty((rows, heads, length + room, dim))
-        spacious[:, :, :length] = tensor
-        return spacious
-
-    def _set(self, key_room: torch.Tensor, value_room: torch.Tensor, rows: int, length: int) -> None:
-        self.key_room, self.value_room = key_room, value_room
-        self.keys, self.values = key_room[:rows, :, :length], value_room[:rows, :, :length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        rows, length, new = self.keys.shape[0], self.keys.shape[-2], key_states.shape[-2]
-        if length + new > self.key_room.shape[-2]:  # out of room: twice as much again
-            self._set(*(self._spacious(tensor, length + new) for tensor in (self.keys, self.values)), rows, length)
-        self.key_room[:rows, :, length : length + new] = key_states
-        self.value_room[:rows, :, length : length + new] = value_states
-        self._set(self.key_room, self.value_room, rows, length + new)
-        return self.keys, self.values
-
-    def cut(self, length: int) -> None:
-        """Forget the keys and values past ``length`` (drafted tokens that greedy decoding rejected)."""
-        self._set(self.key_room, self.value_room, self.keys.shape[0], length)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        rows, length = len(indices), self.keys.shape[-2]
-        for room in (self.key_room, self.value_room):
-            room[:rows, :, :length] = room[indices, :, :length]  # the kept rows, gathered first, then moved
-        self._set(self.key_room, self.value_room, rows, length)
-
-
 def _greedy(
     model,
     logits: torch.Tensor,
     state: _State,
     max_new_tokens: int,
     stops: set[int],
-    finished: Callable[[list[int]], bool] | None = None,
     prompts: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Greedy decoding on from prefilled next-token logits; each row's tokens up to (not including) a stop token.
-    Consumes ``state``: its cache's tensors move into the decoding cache.
+    Consumes ``state``: its cache's layers are replaced in place by the decoding cache's, so the prefill's tensors
+    are freed as soon as each is moved, if the caller handed the state over rather than keeping a copy of it.
 
-    A row that stops, or whose tokens ``finished`` accepts, leaves the batch (and the cache), so long answers
-    do not drag finished ones along. Given each row's ``prompts``, a step of few rows also checks drafted tokens
-    (:class:`_Drafts`): each row keeps those that greedy decoding picks, so the answers are greedy's.
+    A row that stops leaves the batch (and the cache), so long answers do not drag finished ones along. Given each
+    row's ``prompts``, a step of few rows also checks drafted tokens (:class:`_Drafts`): each row keeps those that
+    greedy decoding picks, so the answers are greedy's.
     """
-    cache, mask, position = shallow_copy(state.cache), state.mask, state.next_position
-    room = max_new_tokens + (MAX_DRAFT if prompts is not None else 0)
-    for i, layer in enumerate(cache.layers):  # one layer at a time, letting the old go: one copy of the cache
-        cache.layers[i] = _RoomyLayer.with_room(layer, room)
-        if cache.layers[i] is not layer:
-            layer.keys = layer.values = None
+    cache, mask, position = state.cache, state.mask, state.next_position
+    del state
+    cache_edits.with_room(cache, max_new_tokens + (MAX_DRAFT if prompts is not None else 0))
     # Rejected drafts are cut from the cache again, which a room can do (a sliding-window layer cannot).
-    roomy = all(isinstance(layer, _RoomyLayer) for layer in cache.layers)
-    drafts = [_Drafts(prompt) for prompt in prompts] if prompts is not None and roomy else None
+    drafts = [_Drafts(prompt) for prompt in prompts] if prompts is not None and cache_edits.can_cut(cache) else None
     live = list(range(logits.shape[0]))
     tokens: list[list[int]] = [[] for _ in live]
     decided = [[token] for token in logits.argmax(-1).tolist()]  # each live row's tokens not yet appended
     while True:
-        going = [
-            _append(tokens[row], new, stops, max_new_tokens, finished) for row, new in zip(live, decided, strict=True)
-        ]
+        going = [_append(tokens[row], new, stops, max_new_tokens) for row, new in zip(live, decided, strict=True)]
         if not any(going):
             break
         if not all(going):
             keep = torch.tensor([j for j, on in enumerate(going) if on], device=logits.device)
-            cache.batch_select_indices(keep)
+            cache_edits.select_rows(cache, keep)
             mask, position = mask[keep], position[keep]
             live = [row for row, on in zip(live, going, strict=True) if on]
         width = min(MAX_DRAFT, DRAFT_ROWS // len(live) - 1) if drafts is not None else 0
@@ -430,8 +438,7 @@ def _greedy(
         accepted = (fed[:, 1:] == chosen[:, :-1]).long().cumprod(1).sum(1)  # leading drafts greedy picks
         kept = int(accepted.max()) + 1
         if kept < width + 1:
-            for layer in cache.layers:
-                layer.cut(length + kept)
+            cache_edits.cut(cache, length + kept)
         columns = torch.arange(kept, device=mask.device)
         mask = torch.cat([mask, (columns[None, :] <= accepted[:, None]).to(mask.dtype)], dim=1)
         position = position + accepted + 1
@@ -439,18 +446,12 @@ def _greedy(
     return [row[:-1] if row[-1] in stops else row for row in tokens]
 
 
-def _append(
-    answer: list[int],
-    new: list[int],
-    stops: set[int],
-    max_new_tokens: int,
-    finished: Callable[[list[int]], bool] | None,
-) -> bool:
-    """Append ``new`` to ``answer`` one token at a time, up to a stop token, ``max_new_tokens`` or ``finished``;
-    whether the answer goes on."""
+def _append(answer: list[int], new: list[int], stops: set[int], max_new_tokens: int) -> bool:
+    """Append ``new`` to ``answer`` one token at a time, up to a stop token or ``max_new_tokens``; whether the
+    answer goes on."""
     for token in new:
         answer.append(token)
-        if token in stops or len(answer) >= max_new_tokens or (finished is not None and finished(answer)):
+        if token in stops or len(answer) >= max_new_tokens:
             return False
     return True
 
@@ -497,7 +498,7 @@ def answer_ids(tokenizer, conversation: Conversation, label: str, stops: set[int
     prompt_ids, full_ids = encode(tokenizer, [prompt, full])
     tail = full_ids[len(prompt_ids) :] if full_ids[: len(prompt_ids)] == prompt_ids else []
     end = next((i for i, token in enumerate(tail) if token in stops), None)
-    if not end:  # a template that renders the prompt otherwise once answered, or ends no turn: the label, then EOS
+    if end is None:  # a template that renders the prompt otherwise once answered, or ends no turn: the label, then EOS
         without = encode(tokenizer, [prompt + label])[0]
         tail = without[len(prompt_ids) :] if without[: len(prompt_ids)] == prompt_ids else encode(tokenizer, [label])[0]
         return [*tail, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stops)]
@@ -513,13 +514,17 @@ def _label_logprobs(batch: _Batch, answers: dict[str, list[int]]) -> tuple[dict[
     for its end-of-turn token, so that "pos" cannot win over "positive".
     """
     first = torch.log_softmax(batch.logits.float(), dim=-1)
-    logprobs = torch.log_softmax(batch.fed_logits.float(), dim=-1)
     device = batch.logits.device
+    if batch.fed_logits is None:  # every label's answer is a stop token alone: nothing after it to score
+        return {label: first[:, tokens[0]] for label, tokens in answers.items()}, torch.full(
+            (len(batch.rows), len(answers)), -1, device=device
+        )
+    logprobs = torch.log_softmax(batch.fed_logits.float(), dim=-1)
     scores, starts, start = {}, [], 0
     for label, tokens in answers.items():
         rest = torch.tensor(tokens[1:], device=device)
         scores[label] = first[:, tokens[0]] + logprobs[:, start + torch.arange(len(rest), device=device), rest].sum(-1)
-        starts.append(start)
+        starts.append(min(start, logprobs.shape[1] - 1))  # a label of a stop token alone has no fed token
         start += len(tokens) - 1
     return scores, batch.fed_logits[:, starts].argmax(-1)
 
@@ -538,13 +543,13 @@ def _answers_on_label_paths(
 
 
 def _rows(logits: torch.Tensor, state: _State, rows: list[int]) -> tuple[torch.Tensor, _State]:
-    """The logits and decoding state of ``rows`` only (all of them: as they are)."""
+    """The logits and decoding state of ``rows`` only (all of them: as they are). Consumes ``state``: its cache
+    keeps only those rows, the others' tensors let go."""
     if len(rows) == len(logits):
         return logits, state
     keep = torch.tensor(rows, device=logits.device)
-    cache = shallow_copy(state.cache)
-    cache.batch_select_indices(keep)
-    return logits[keep], _State(cache, state.mask[keep], state.next_position[keep])
+    cache_edits.select_rows(state.cache, keep)
+    return logits[keep], _State(state.cache, state.mask[keep], state.next_position[keep])
 
 
 def _pad_id(tokenizer) -> int:
@@ -559,13 +564,19 @@ def _label_scored_batches(
     batch_size: int,
     share_prefix: bool,
     max_prompt_tokens: int | None,
+    max_new_tokens: int = 0,
 ) -> tuple[list[bool], set[int], dict[str, list[int]], Iterator[tuple[_Batch, dict[str, torch.Tensor], torch.Tensor]]]:
     """Which prompts were cut, the stop tokens, each label's answer tokens, and the prefilled batches with each
     label's log-likelihood and the greedy token after each label's first token."""
-    ids, cut = fit_prompts(encode(tokenizer, render(tokenizer, conversations)), max_prompt_tokens)
+    ids, cut = fit_prompts(tokenizer, conversations, max_prompt_tokens)
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     answers = {label: answer_ids(tokenizer, conversations[0], label, stops) for label in label_set.labels}
-    batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment", _Fed.of(answers))
+    fed = _Fed.of(answers)
+    if _past_window(model, ids, len(fed.tokens) + max_new_tokens, "sentiment"):
+        plain = _plain_batches(model, ids, "sentiment")
+        scored = ((batch, *_plain_label_logprobs(model, batch.suffixes[0], answers, pad_id)) for batch in plain)
+        return cut, stops, answers, scored
+    batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, "sentiment", fed if fed.tokens else None)
     return cut, stops, answers, ((batch, *_label_logprobs(batch, answers)) for batch in batches)
 
 
@@ -603,31 +614,26 @@ def predict_sentiment(
     batch_size: int,
     max_new_tokens: int,
     share_prefix: bool = True,
-    stop_when_settled: bool = True,
     max_prompt_tokens: int | None = None,
 ) -> list[SentimentPrediction]:
-    """Each conversation's label log-likelihoods (argmax = score label) and its greedy answer, from one prefill.
-
-    The answer stops at the end-of-turn token, after ``max_new_tokens``, or (``stop_when_settled``) as soon as its
-    first label is settled (:meth:`~lorapipe.labels.LabelSet.is_settled`): the generated label is then the same as
-    the full answer's.
-    """
+    """Each conversation's label log-likelihoods (argmax = score label) and its whole greedy answer, from one
+    prefill: decoded to the end-of-turn token or ``max_new_tokens``, so that the answer kept and the labels it
+    names (``labels_named``) are the whole answer's."""
     label_set = LabelSet(tuple(labels))
     cut, stops, answers, scored = _label_scored_batches(
-        model, tokenizer, conversations, label_set, batch_size, share_prefix, max_prompt_tokens
+        model, tokenizer, conversations, label_set, batch_size, share_prefix, max_prompt_tokens, max_new_tokens
     )
-    settled = lambda tokens: label_set.is_settled(tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: E731
-    finished = settled if stop_when_settled else None
     logprobs: dict[int, dict[str, float]] = {}
     tokens: dict[int, list[int]] = {}
     waiting: list[tuple[list[int], torch.Tensor, _State]] = []  # (input rows, logits, state) of open answers
 
     def decode_waiting(prefix_length: int) -> None:
         rows = [row for waited, _, _ in waiting for row in waited]
-        logits, state = torch.cat([w[1] for w in waiting]), _merged([w[2] for w in waiting], prefix_length)
-        waiting.clear()
-        for row, decoded in zip(rows, _greedy(model, logits, state, max_new_tokens, stops, finished), strict=True):
-            tokens[row] = decoded
+        logits, states = torch.cat([w[1] for w in waiting]), [w[2] for w in waiting]
+        waiting.clear()  # the states are handed over: decoding frees each layer's prefill tensors as it moves them
+        decoded = _greedy(model, logits, _merged(states, prefix_length), max_new_tokens, stops)
+        for row, answer in zip(rows, decoded, strict=True):
+            tokens[row] = answer
 
     for batch, scores, after_first in scored:
         decided = _answers_on_label_paths(batch, answers, after_first, stops)
@@ -636,9 +642,11 @@ def predict_sentiment(
             if decided[j] is not None:
                 tokens[row] = decided[j]
         open_rows = [j for j, answer in enumerate(decided) if answer is None]
+        state = batch.take_state()
         if open_rows:  # decoded on from the prefill, several batches' open answers together
-            waiting.append(([batch.rows[j] for j in open_rows], *_rows(batch.logits, batch.state, open_rows)))
-        if sum(len(rows) for rows, _, _ in waiting) >= GREEDY_ROWS:
+            waiting.append(([batch.rows[j] for j in open_rows], *_rows(batch.logits, state, open_rows)))
+        del state  # the rows decided need no cache; the open ones' is in the waiting list alone
+        if waiting and (batch.alone or sum(len(rows) for rows, _, _ in waiting) >= GREEDY_ROWS):
             decode_waiting(batch.prefix.length)
     if waiting:
         decode_waiting(batch.prefix.length)
@@ -671,12 +679,17 @@ def generate_answers(
     max_prompt_tokens: int | None = None,
 ) -> Generated:
     """Greedy answers to each conversation, decoded without special tokens."""
-    ids, cut = fit_prompts(encode(tokenizer, render(tokenizer, conversations)), max_prompt_tokens)
+    ids, cut = fit_prompts(tokenizer, conversations, max_prompt_tokens)
     pad_id, stops = _pad_id(tokenizer), stop_ids(model, tokenizer)
     texts: list[str] = [""] * len(ids)
     new_tokens = 0
-    for batch in _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, what):
-        answers = _greedy(model, batch.logits, batch.state, max_new_tokens, stops, prompts=[ids[i] for i in batch.rows])
+    if _past_window(model, ids, max_new_tokens + MAX_DRAFT, what):
+        batches = _plain_batches(model, ids, what)
+    else:
+        batches = _prefilled_batches(model, ids, batch_size, pad_id, share_prefix, what)
+    for batch in batches:
+        prompts = [ids[i] for i in batch.rows]
+        answers = _greedy(model, batch.logits, batch.take_state(), max_new_tokens, stops, prompts=prompts)
         for row, answer in zip(batch.rows, answers, strict=True):
             texts[row] = tokenizer.decode(answer, skip_special_tokens=True).strip()
             new_tokens += len(answer)

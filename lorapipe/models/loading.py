@@ -135,7 +135,7 @@ def copy_out_of_mapped_file(parameters: Iterable[torch.nn.Parameter]) -> None:
     """Give ``parameters`` memory of their own. Weights loaded from safetensors view the memory-mapped file, and
     while any of them does, all of the file's pages that were read stay resident: once the other weights are
     replaced (stored in bf16, reordered for oneDNN), copying out the few left (embeddings, norms) lets the file's
-    0.5 GB of fp32 weights go."""
+    fp32 weights go."""
     for parameter in parameters:
         parameter.data = parameter.data.clone()
 
@@ -145,7 +145,7 @@ def frozen_linears_in_bf16(model) -> Iterator[None]:
     """Inside: the frozen linear weights in bf16, as bf16 training stores them; after: the fp32 ones again.
 
     The precision probe times bf16 this way, so that it measures the step training will run rather than one
-    that also casts every weight at every use (which made the probe pick fp32 where bf16 trains 1.4x faster).
+    that also casts every weight at every use (which made the probe pick fp32 where bf16 trains faster).
     """
     kept = [(module.weight, module.weight.data) for module in _frozen_linears(model)]
     for weight, data in kept:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorapipe.config import NO_LABEL
+from lorapipe.labels import NO_LABEL
 from lorapipe.report.inputs import BASELINE, CURVES, VALIDATION_CURVES, ReportInputs, model_order
 
 BASELINE_TITLE = "TF-IDF + logistic regression"

@@ -36,17 +36,39 @@ def gguf_parsed_once() -> Iterator[None]:
     """Within: each GGUF file parsed once, and gguf's tensor-name map built once per architecture.
 
     transformers parses the file for the config, again for the tokenizer and again for the weights, and builds
-    the name map anew for every tensor: 19.6 s of the SmolLM2 conversion, 9.3 s with both cached, the written
-    files byte-identical. Both are pure functions of their arguments; the originals are restored on exit.
+    the name map anew for every tensor: about half of the conversion's time (docs/your-machine.md). Both are pure
+    functions of their arguments; the originals are restored on exit. This relies on transformers looking them up
+    on the ``gguf`` module at each call: where gguf lacks them, or transformers never called the cached reader,
+    one warning says the conversion ran (or will run) without the cache, with the same output.
     """
     import gguf
 
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
+    try:
+        reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    except AttributeError as err:
+        log.warning("fallback: GGUF parsed without a cache: gguf %s has no %s", gguf_version(), err.name)
+        yield
+        return
+    cached = functools.cache(reader)
+    gguf.GGUFReader, gguf.get_tensor_name_map = cached, functools.cache(name_map)
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+    if cached.cache_info().misses == 0:
+        log.warning(
+            "fallback: GGUF parsed without a cache: transformers no longer reads it through gguf.GGUFReader "
+            "(slower, same output)"
+        )
+
+
+def gguf_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("gguf")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 def _convert_gguf(gguf: Path, out: Path) -> dict:

@@ -95,30 +95,47 @@ def pass_cost(rows: int, width: int, prefix: int) -> int:
     return prefix + rows * (width - prefix)
 
 
-def split_rows(inputs: dict[str, Any], pass_tokens: int | None, shared_prefix: bool) -> list[dict[str, Any]]:
-    """``inputs`` as one pass, or split by rows into the fewest even passes that each run at most ``pass_tokens``.
-
-    Every tensor of shape (rows, width) is split; columns that are padding in all of a pass's rows are dropped
-    (right padding: no real token attends to them). A single row longer than the budget is a pass of its own.
-    """
+def pass_count(inputs: dict[str, Any], pass_tokens: int | None, shared_prefix: bool) -> int:
+    """The fewest passes whose rows each run at most ``pass_tokens`` (1 if the whole batch does, or no budget)."""
     ids = inputs["input_ids"]
     rows, width = ids.shape
     prefix = shared_prefix_length(ids, inputs["labels"]) if shared_prefix else 0
     if pass_tokens is None or pass_cost(rows, width, prefix) <= pass_tokens:
-        return [inputs]
+        return 1
     fit = max(1, (pass_tokens - prefix) // (width - prefix))
-    size = math.ceil(rows / math.ceil(rows / fit))
-    passes = []
-    for start in range(0, rows, size):
-        part = {
-            key: value[start : start + size] if torch.is_tensor(value) and value.shape[:2] == (rows, width) else value
-            for key, value in inputs.items()
-        }
-        used = int(part["attention_mask"].any(dim=0).nonzero().max()) + 1
-        if used < width:
-            part = {key: _columns(value, width, used) for key, value in part.items()}
-        passes.append(part)
-    return passes
+    return math.ceil(rows / fit)
+
+
+def split_rows(
+    inputs: dict[str, Any], pass_tokens: int | None, shared_prefix: bool, passes: int | None = None
+) -> list[dict[str, Any]]:
+    """``inputs`` as one pass, or split by rows into the fewest even passes that each run at most ``pass_tokens``.
+
+    Every tensor of shape (rows, width) is split; columns that are padding in all of a pass's rows are dropped
+    (right padding: no real token attends to them). A single row longer than the budget is a pass of its own.
+    With ``passes`` (ranks that agreed on a count), the rows are split into that many even passes instead, fewer
+    where there are fewer rows than passes; ``pass_tokens`` is then not used.
+    """
+    if passes is None:
+        passes = pass_count(inputs, pass_tokens, shared_prefix)
+    if passes <= 1:
+        return [inputs]
+    rows = inputs["input_ids"].shape[0]
+    size = math.ceil(rows / passes)
+    return [take_rows(inputs, start, start + size) for start in range(0, rows, size)]
+
+
+def take_rows(inputs: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Rows ``start:stop`` of every (rows, width) tensor, without the columns that are padding in all of them."""
+    rows, width = inputs["input_ids"].shape
+    part = {
+        key: value[start:stop] if torch.is_tensor(value) and value.shape[:2] == (rows, width) else value
+        for key, value in inputs.items()
+    }
+    used = int(part["attention_mask"].any(dim=0).nonzero().max()) + 1
+    if used < width:
+        part = {key: _columns(value, width, used) for key, value in part.items()}
+    return part
 
 
 def _columns(value: Any, width: int, used: int) -> Any:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorapipe.models.cache_edits import broadcast_rows
+
 
 @dataclass
 class LabelHeadOutput:
@@ -62,12 +64,7 @@ def _backbone_hidden(backbone, input_ids, attention_mask, prefix_length: int) ->
     prefix = backbone(
         input_ids=input_ids[:1, :prefix_length], attention_mask=attention_mask[:1, :prefix_length], use_cache=True
     )
-    cache = prefix.past_key_values
-    for layer in cache.layers:
-        if not layer.is_initialized:  # a layer the forward does not run (the precision probe runs a few)
-            continue
-        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+    cache = broadcast_rows(prefix.past_key_values, rows)
     positions = torch.arange(prefix_length, width, device=input_ids.device).expand(rows, -1)
     return backbone(
         input_ids=input_ids[:, prefix_length:],

@@ -1,0 +1,37 @@
+"""Choices that depend on the machine, measured on it: CPU training precision, threads, peak memory.
+
+CPUs differ more than their flags say, so the precision is timed on the model's own forward and backward before
+training (:func:`choose_precision`); processes that share the cores (``dvc queue start -j 2``, two CPU DDP ranks)
+share the threads too (:class:`CoreShare`). What each was measured to do: docs/your-machine.md.
+
+One module each: :mod:`~lorapipe.host.precision`, :mod:`~lorapipe.host.threads`, :mod:`~lorapipe.host.memory`.
+"""
+
+from lorapipe.host.memory import (
+    bound_onednn_cache,
+    free_held_bytes,
+    keep_freed_memory,
+    peak_rss_mib,
+    release_free_memory,
+    reset_peak_rss,
+)
+from lorapipe.host.precision import PrecisionChoice, all_ranks_agree, choose_precision, step_timer
+from lorapipe.host.threads import THREADS_ENV, CoreShare, host_cores, refresh_threads, shared_cores
+
+__all__ = [
+    "THREADS_ENV",
+    "CoreShare",
+    "PrecisionChoice",
+    "all_ranks_agree",
+    "bound_onednn_cache",
+    "choose_precision",
+    "free_held_bytes",
+    "host_cores",
+    "keep_freed_memory",
+    "peak_rss_mib",
+    "refresh_threads",
+    "release_free_memory",
+    "reset_peak_rss",
+    "shared_cores",
+    "step_timer",
+]
