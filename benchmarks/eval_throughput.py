@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from lorapipe.config import load_params
+from lorapipe.decoding import generate_answers, predict_sentiment
 from lorapipe.evaluation.evaluate import load_instructions, load_out_of_sample, load_sentiment
 from lorapipe.labels import read_labels
-from lorapipe.models.decoding import generate_answers, predict_sentiment
 from lorapipe.models.loading import inference_precision, load_for_inference, load_tokenizer, tokenizer_dir
 
 

@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lorapipe.decoding import score_labels  # noqa: E402
 from lorapipe.labels import read_labels  # noqa: E402
-from lorapipe.models.decoding import score_labels  # noqa: E402
 from lorapipe.models.loading import load_causal_lm, load_tokenizer, tokenizer_dir  # noqa: E402
 from lorapipe.records import read_records  # noqa: E402
 from lorapipe.release.merged import export_merged  # noqa: E402

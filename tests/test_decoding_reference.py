@@ -16,10 +16,9 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 
 from conftest import INSTRUCTIONS, LABELS, TWEETS, build_tiny_model, tweet_records
 from lorapipe.data.prompts import instruction_prompt
-from lorapipe.errors import PipelineError
-from lorapipe.models import cache_edits, decoding
-from lorapipe.models.decoding import (
+from lorapipe.decoding import (
     answer_ids,
+    cache_edits,
     encode,
     generate_answers,
     predict_sentiment,
@@ -27,6 +26,10 @@ from lorapipe.models.decoding import (
     score_labels,
     stop_ids,
 )
+from lorapipe.decoding import greedy as decoding_greedy
+from lorapipe.decoding import prefill as decoding_prefill
+from lorapipe.decoding import scoring as decoding_scoring
+from lorapipe.errors import PipelineError
 from lorapipe.models.loading import load_causal_lm, load_for_inference, load_tokenizer
 
 WINDOW = 8
@@ -70,7 +73,7 @@ def test_a_sliding_window_model_s_scores_and_answers_past_its_window_match_stock
     tweets = [conversation["prompt"] for conversation in tweet_records(PROMPT, TWEETS[:3] + TWEETS[-3:])]
     assert all(len(ids) > 3 * WINDOW for ids in encode(tokenizer, render(tokenizer, tweets)))
     stops = stop_ids(model, tokenizer)
-    with caplog.at_level(logging.INFO, logger="lorapipe.models.decoding"):
+    with caplog.at_level(logging.INFO, logger="lorapipe.decoding"):
         predictions = predict_sentiment(model, tokenizer, tweets, LABELS, batch_size=3, max_new_tokens=4)
         scored = score_labels(model, tokenizer, tweets, LABELS, batch_size=3)
     assert sum("sliding window" in r.getMessage() for r in caplog.records) == 2  # one line per call
@@ -111,7 +114,7 @@ def test_decoding_frees_the_prefill_cache_once_it_has_moved_it(tiny_model, monke
     prefilled: list[weakref.ref] = []
     alive_at_steps: list[int] = []
     decoding_now = []
-    prefill, greedy, forward = decoding._prefill, decoding._greedy, model.forward
+    prefill, greedy, forward = decoding_prefill.prefill_batch, decoding_greedy.decode_greedy, model.forward
 
     def recording_prefill(*args, **kwargs):
         logits, fed_logits, state = prefill(*args, **kwargs)
@@ -133,8 +136,9 @@ def test_decoding_frees_the_prefill_cache_once_it_has_moved_it(tiny_model, monke
             alive_at_steps.append(sum(ref() is not None for ref in prefilled))
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(decoding, "_prefill", recording_prefill)
-    monkeypatch.setattr(decoding, "_greedy", marking_greedy)
+    monkeypatch.setattr(decoding_prefill, "prefill_batch", recording_prefill)
+    monkeypatch.setattr(decoding_greedy, "decode_greedy", marking_greedy)  # generate_answers
+    monkeypatch.setattr(decoding_scoring, "decode_greedy", marking_greedy)  # predict_sentiment
     monkeypatch.setattr(model, "forward", checking_forward)
     assert run() == expected
     assert prefilled and alive_at_steps  # prefilled batches were decoded on
@@ -197,7 +201,7 @@ def test_a_layer_without_the_room_s_fields_decodes_on_stock_layers_with_one_warn
         del self.dtype  # as if transformers stopped recording it
 
     monkeypatch.setattr(DynamicLayer, "lazy_initialization", without_dtype)
-    with caplog.at_level(logging.WARNING, logger="lorapipe.models.cache_edits"):
+    with caplog.at_level(logging.WARNING, logger="lorapipe.decoding.cache_edits"):
         answers = generate_answers(model, tokenizer, prompts, batch_size=3, max_new_tokens=4).texts
         generate_answers(model, tokenizer, prompts, batch_size=3, max_new_tokens=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -23,6 +23,21 @@ from conftest import (
 )
 from lorapipe.config import EvalParams, PromptParams
 from lorapipe.data.prompts import instruction_prompt
+from lorapipe.decoding import (
+    answer_ids,
+    cache_edits,
+    common_prefix_length,
+    encode,
+    fit_prompts,
+    generate_answers,
+    predict_sentiment,
+    prefill_passes,
+    render,
+    score_labels,
+    stop_ids,
+)
+from lorapipe.decoding import prefill as decoding_prefill
+from lorapipe.decoding import scoring as decoding_scoring
 from lorapipe.errors import PipelineError
 from lorapipe.evaluation import evaluate as evaluate_module
 from lorapipe.evaluation.evaluate import (
@@ -37,20 +52,7 @@ from lorapipe.evaluation.evaluate import (
 )
 from lorapipe.io import read_json, read_jsonl, write_json, write_jsonl
 from lorapipe.labels import LabelSet, write_labels
-from lorapipe.models import decoding
 from lorapipe.models.adapters import ScoringBase, scoring_base
-from lorapipe.models.decoding import (
-    answer_ids,
-    common_prefix_length,
-    encode,
-    fit_prompts,
-    generate_answers,
-    predict_sentiment,
-    prefill_passes,
-    render,
-    score_labels,
-    stop_ids,
-)
 from lorapipe.models.loading import load_causal_lm, load_for_inference, load_tokenizer
 
 PROMPT = PromptParams(
@@ -192,7 +194,7 @@ def test_a_roomy_cache_layer_holds_what_a_growing_one_does_and_writes_in_place()
     torch.manual_seed(0)
     growing = DynamicLayer()
     growing.update(torch.randn(4, 2, 5, 8), torch.randn(4, 2, 5, 8))
-    roomy = decoding._RoomyLayer.with_room(growing, 3)
+    roomy = cache_edits.RoomyLayer.with_room(growing, 3)
     growing = copy.copy(growing)
     room = roomy.key_room
     for step in range(6):  # 3 steps in the room, then out of it
@@ -207,7 +209,7 @@ def test_a_roomy_cache_layer_holds_what_a_growing_one_does_and_writes_in_place()
             assert roomy.key_room is room  # written in place, rows dropped in place: no new room
         assert roomy.keys.stride() == roomy.key_room.stride()  # laid out as a room of its own rows
     sliding = DynamicSlidingWindowLayer(sliding_window=4)
-    assert decoding._RoomyLayer.with_room(sliding, 3) is sliding
+    assert cache_edits.RoomyLayer.with_room(sliding, 3) is sliding
 
 
 def test_common_prefix_length_leaves_a_token_in_each():
@@ -275,9 +277,9 @@ def test_greedy_answers_match_transformers_generate(taught_model, extra_stop, mo
         + [instruction_prompt(i, x, PROMPT) for i, x, _ in [*INSTRUCTIONS, ("Summarise the text.", long_input, "")]]
     )
     passes = []
-    prefill_pass = decoding._prefill_pass
+    prefill_pass = decoding_prefill._prefill_pass
     monkeypatch.setattr(
-        decoding, "_prefill_pass", lambda m, p, s, *a: passes.append(len(s)) or prefill_pass(m, p, s, *a)
+        decoding_prefill, "_prefill_pass", lambda m, p, s, *a: passes.append(len(s)) or prefill_pass(m, p, s, *a)
     )
     inputs = tokenizer(render(tokenizer, prompts), add_special_tokens=False, padding=True, return_tensors="pt")
     reference = eager_reference(taught_model)
@@ -325,49 +327,22 @@ def test_several_labels_rate_counts_whole_answers_that_name_more_than_one_label(
     assert [row["answer"] for row in outputs.files["sentiment.jsonl"]] == whole
 
 
-def test_drafts_follow_the_latest_earlier_occurrence_of_the_answer_s_last_tokens():
-    drafts = decoding._Drafts([5, 6, 7, 8, 6, 7, 9])
-    assert drafts.after([6, 7], 3) == [9, 6, 7]  # (6, 7) last came before 9; the answer's own end is no match
-    assert drafts.after([6, 7], 1) == [9]
-    assert drafts.after([6, 7, 3], 2) == []  # nothing ever followed 3
-
-
-def test_drafted_tokens_that_greedy_picks_save_steps_and_change_no_answer(tiny_model, tmp_path, monkeypatch):
-    sentence = " The sea is wide and blue."
-    chatty = teach(tiny_model, tmp_path / "chatty", tail="." + sentence * 2)  # the second time, drafted from the first
-    model, tokenizer = load_for_inference(chatty), load_tokenizer(chatty, padding_side="left")
-    prompts = conversations()[:2]
-    steps = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: steps.append(k["input_ids"].shape[1]) or forward(*a, **k))
-
-    def answers(draft_rows: int) -> tuple[list[str], list[int]]:
-        monkeypatch.setattr(decoding, "DRAFT_ROWS", draft_rows)
-        steps.clear()
-        texts = generate_answers(model, tokenizer, prompts, batch_size=2, max_new_tokens=24).texts
-        return texts, list(steps)
-
-    default = decoding.DRAFT_ROWS
-    plain, plain_steps = answers(0)  # no drafts: one token per row and step
-    drafted, drafted_steps = answers(default)
-    assert drafted == plain and any(answer.endswith(sentence * 2) for answer in plain)
-    assert len(drafted_steps) < len(plain_steps)  # the repeated sentence checked in one step, not one per token
-
-
 def test_both_ways_agree_and_the_prefix_cache_changes_nothing(taught_model, monkeypatch):
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model)
     greedy = generate_answers(model, tokenizer, conversations(), batch_size=5, max_new_tokens=4).texts
     decoded = []
-    decode = decoding._greedy
+    decode = decoding_scoring.decode_greedy
     monkeypatch.setattr(
-        decoding, "_greedy", lambda model, logits, *rest: decoded.append(len(logits)) or decode(model, logits, *rest)
+        decoding_scoring,
+        "decode_greedy",
+        lambda model, logits, *rest: decoded.append(len(logits)) or decode(model, logits, *rest),
     )
     shared = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
     # A label's token, then the end of the turn: the fed label tokens' logits hold that, so no row decodes on.
     assert decoded == [] and [p.answer for p in shared] == greedy
-    decide = decoding._answers_on_label_paths
+    decide = decoding_scoring._answers_on_label_paths
     every_other = lambda *args: [None if j % 2 else tokens for j, tokens in enumerate(decide(*args))]  # noqa: E731
-    monkeypatch.setattr(decoding, "_answers_on_label_paths", every_other)
+    monkeypatch.setattr(decoding_scoring, "_answers_on_label_paths", every_other)
     mixed = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
     # The odd rows of batches of 5, 5 and 2 wait for one another and decode together.
     assert decoded == [5] and [p.answer for p in mixed] == greedy
@@ -725,20 +700,23 @@ def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_one
 
     model, tokenizer = load_for_inference(taught_model), load_tokenizer(taught_model, padding_side="left")
     before = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
+    from lorapipe.evaluation.kernels import OneDNNLinear
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    mlps = [m for m in model.modules() if hasattr(m, "gate_proj")]
-    head = model.get_output_embeddings()
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head.weight is embeddings.weight
     rates = {kernel: 10.0 if kernel == faster else 5.0 for kernel in KERNELS}  # injected timings
     chosen = use_faster_fp32_kernel(model, "fp32", rates=rates)
     assert chosen == {"kernel": faster, "gflops": rates, "chosen_by": "measured faster"}
-    patched = [m for m in linears if "forward" in vars(m)]
-    fused = [m for m in mlps if "forward" in vars(m)]
-    assert mlps and len(fused) == (0 if faster == "mkl" else len(mlps))
-    # The gate and up products run inside their MLP's fused forward; every other layer through oneDNN.
-    assert len(patched) == (0 if faster == "mkl" else len(linears) - 2 * len(mlps))
-    if faster == "onednn":  # each layer holds only its reordered weight; the head's is the embeddings' and stays
-        assert all(m.weight is None for m in linears if m is not head)
-        assert head.weight is model.get_input_embeddings().weight
+    onednn = [m for m in model.modules() if isinstance(m, OneDNNLinear)]
+    plain = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    if faster == "mkl":
+        assert not onednn and len(plain) == len(linears)
+    else:  # every layer replaced, each holding only its reordered weight; a head tied to the embeddings stays plain
+        head = model.get_output_embeddings()
+        assert len(onednn) == len(linears) and not plain and head in onednn
+        assert all(m.reorder and not hasattr(m, "weight") for m in onednn if m is not head or not tied)
+        assert not tied or (not head.reorder and head.weight is embeddings.weight)
     after = predict_sentiment(model, tokenizer, conversations(), LABELS, batch_size=5, max_new_tokens=4)
     for old, new in zip(before, after, strict=True):
         assert (new.score_label, new.answer) == (old.score_label, old.answer)
@@ -746,7 +724,7 @@ def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_one
 
 
 def test_reordered_onednn_weights_give_plain_onednn_s_outputs_to_the_bit():
-    from lorapipe.evaluation.kernels import onednn_linear
+    from lorapipe.evaluation.kernels import OneDNNLinear, onednn_linear
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 80, bias=True)
@@ -754,25 +732,10 @@ def test_reordered_onednn_weights_give_plain_onednn_s_outputs_to_the_bit():
         for x in (torch.randn(3, 48), torch.randn(2, 7, 48), torch.randn(96, 48)):  # decoding, prefill, scoring
             plain = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
             assert torch.equal(onednn_linear(layer)(x), plain)
+            assert torch.equal(OneDNNLinear(layer)(x), plain) and torch.equal(
+                OneDNNLinear(layer, reorder=False)(x), plain
+            )
             torch.testing.assert_close(plain, layer(x), rtol=1e-5, atol=1e-5)  # and MKL's within rounding
-
-
-def test_a_gated_mlp_runs_its_activation_and_product_inside_onednn_with_the_same_outputs():
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    from lorapipe.evaluation.kernels import fused_gated_mlp
-
-    torch.manual_seed(0)
-    sizes = {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2}
-    mlp = LlamaMLP(LlamaConfig(**sizes))
-    forward = fused_gated_mlp(mlp)
-    with torch.inference_mode():
-        for x in (torch.randn(3, 48), torch.randn(2, 7, 48)):  # a decoding step, a prefill
-            torch.testing.assert_close(forward(x), mlp(x), rtol=1e-5, atol=1e-6)
-    assert fused_gated_mlp(LlamaMLP(LlamaConfig(**sizes, hidden_act="gelu"))) is None
-    assert fused_gated_mlp(LlamaMLP(LlamaConfig(**sizes, mlp_bias=True))) is None
-    assert fused_gated_mlp(torch.nn.Linear(4, 4)) is None
 
 
 def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model, monkeypatch):

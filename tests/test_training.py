@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from conftest import LABELS, ROOT, TWEETS, sentiment_rows, tiny_params, tweet_records
 from lorapipe.config import parse_params
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.decoding import score_labels
 from lorapipe.errors import PipelineError
 from lorapipe.host import PrecisionChoice
 from lorapipe.io import read_json, write_jsonl
 from lorapipe.labels import write_labels
-from lorapipe.models.decoding import score_labels
 from lorapipe.models.loading import choose_hardware, load_for_inference, load_tokenizer
 from lorapipe.records import read_records, record
 from lorapipe.training.build import lora_config, sft_config
@@ -383,7 +383,7 @@ def bos_model(tiny_model, tmp_path):
 
 
 def test_models_pretrained_with_bos_see_it_in_training_and_decoding(bos_model, params):
-    from lorapipe.models.decoding import encode, render
+    from lorapipe.decoding import encode, render
 
     tokenizer = load_tokenizer(bos_model)
     bos = tokenizer.bos_token_id

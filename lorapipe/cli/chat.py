@@ -16,9 +16,9 @@ import torch
 
 from lorapipe.config import Params, load_params
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
+from lorapipe.decoding import generate_answers
 from lorapipe.errors import PipelineError
 from lorapipe.models.adapters import load_adapted
-from lorapipe.models.decoding import generate_answers
 from lorapipe.models.loading import load_tokenizer, tokenizer_dir
 from lorapipe.records import Conversation, read_records
 

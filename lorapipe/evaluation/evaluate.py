@@ -1,6 +1,6 @@
 """One model's evaluation: sentiment both ways, instruction answers and their scores, written as files.
 
-The decoding itself is :mod:`lorapipe.models.decoding`; this module turns test records into its inputs and its
+The decoding itself is :mod:`lorapipe.decoding`; this module turns test records into its inputs and its
 outputs into the metrics JSON and the prediction files that the report and ``dvc plots`` read.
 """
 
@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 from lorapipe.classification import classification_metrics
 from lorapipe.config import EvalParams
+from lorapipe.decoding import generate_answers, predict_sentiment
 from lorapipe.evaluation.baseline import tfidf_predictions
 from lorapipe.evaluation.metrics import mean_scores, text_scores
 from lorapipe.host import peak_rss_mib, release_free_memory
 from lorapipe.io import atomic_dir, atomic_file, write_json, write_jsonl
 from lorapipe.labels import NO_LABEL, read_labels
-from lorapipe.models.decoding import generate_answers, predict_sentiment
 from lorapipe.models.loading import inference_precision
 from lorapipe.records import answer_text, read_records
 

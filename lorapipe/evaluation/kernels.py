@@ -1,15 +1,14 @@
 """Which fp32 matrix-product kernel evaluation runs the model's linear layers with, timed on this CPU.
 
-torch sends an fp32 ``nn.Linear`` on a CPU to MKL's GEMM. On a 2-core AMD EPYC (Zen 4) oneDNN's fp32 kernel
-ran the model's shapes 1.25-1.6x faster (194-210 against 120-168 GFLOP/s) with outputs within float rounding
-of MKL's, and evaluation is three quarters matrix products; on other CPUs MKL may be the faster. So the eval
-stage times both on the model's own weight shapes and uses the faster. Both compute in fp32: the labels and
-answers are the fp32 ones (README: Evaluation cost).
+torch sends an fp32 ``nn.Linear`` on a CPU to MKL's GEMM. On some CPUs oneDNN's fp32 kernel runs the model's
+shapes much faster, with outputs within float rounding of MKL's, and evaluation is mostly matrix products; on
+others MKL is the faster. So the eval stage times both on the model's own weight shapes and uses the faster;
+both compute in fp32, so the labels and answers are the fp32 ones (docs/evaluation-cost.md).
 
 oneDNN runs each weight from its own blocked layout. Handed a plain weight, it reorders it at every call; the
-weights are reordered once here instead (``_reorder_linear_weight``), which gives the same outputs to the bit
-and, on the Zen 4, 6 % more speed for a label-scoring batch (1,100 rows), 20 % for a decoding step of 50 rows
-and 90 % for one of 8 (README: Evaluation cost). The layers then hold only the reordered copy.
+weights are reordered once here instead (``_reorder_linear_weight``), which gives the same outputs to the bit.
+Each ``nn.Linear`` is replaced by a :class:`OneDNNLinear` holding only the reordered copy, as PEFT replaces the
+layers it adapts.
 
 The two kernels differ in the last digits of every logprob, so the choice decides the prediction files' bytes:
 oneDNN is taken only when it leads by ``KERNEL_MARGIN`` (a close call takes MKL, torch's own path, so that a
@@ -56,27 +55,36 @@ def onednn_linear(module: torch.nn.Linear, reorder: bool = True) -> Callable[[to
     return forward
 
 
-def fused_gated_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A SiLU-gated MLP's forward (``down(silu(gate(x)) * up(x))``, Llama's and Mistral's) with the activation and
-    the product done inside oneDNN's gate and up products, their weights reordered once; None for another MLP.
+class OneDNNLinear(torch.nn.Module):
+    """A linear layer run by oneDNN's fp32 kernel from its weight reordered once; a weight shared with another
+    module (an output head tied to the input embeddings) stays the shared plain parameter, which oneDNN reorders
+    at every call, as a reordered copy would hold the head's memory twice."""
 
-    Applied as each product's tile is computed, while it is in cache, rather than as two passes over
-    rows x 1,536 floats: the same arithmetic up to float rounding (outputs within 1.5e-7 relative).
-    """
-    layers = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(layer, torch.nn.Linear) and layer.bias is None for layer in layers):
-        return None
-    if type(getattr(mlp, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
-        return None
-    gate, up = (reordered(layer.weight) for layer in layers[:2])
-    down = layers[2]
+    def __init__(self, linear: torch.nn.Linear, reorder: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.reorder = linear.in_features, linear.out_features, reorder
+        if reorder:
+            self.register_buffer("packed_weight", reordered(linear.weight), persistent=False)
+        else:
+            self.weight = linear.weight
+        self.bias = linear.bias
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
-        activated = torch.ops.mkldnn._linear_pointwise(x, gate, None, "swish", [], "")
-        return down(torch.ops.mkldnn._linear_pointwise.binary(x, activated, up, None, "mul"))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.packed_weight if self.reorder else self.weight
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, self.bias, "none", [], "")
 
-    return forward
+
+def use_onednn_linears(model) -> int:
+    """Replace every plain ``nn.Linear`` of ``model`` by a :class:`OneDNNLinear`; how many were replaced."""
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                tied = child is head and child.weight is embeddings.weight
+                setattr(parent, name, OneDNNLinear(child, reorder=not tied))
+                replaced += 1
+    return replaced
 
 
 def onednn_problem() -> str | None:
@@ -85,15 +93,12 @@ def onednn_problem() -> str | None:
     if not torch.backends.mkldnn.is_available():
         return "torch was built without oneDNN"
     generator = torch.Generator().manual_seed(0)
-    x, weight, up = (torch.randn(shape, generator=generator) for shape in ((4, 16), (8, 16), (8, 16)))
+    x, weight = (torch.randn(shape, generator=generator) for shape in ((4, 16), (8, 16)))
     expected = torch.nn.functional.linear(x, weight)
     checks = (
         ("_reorder_linear_weight", lambda: reordered(weight), None),
         ("_linear_pointwise", lambda: torch.ops.mkldnn._linear_pointwise(x, reordered(weight), None, "none", [], ""),
          expected),
-        ("_linear_pointwise.binary",
-         lambda: torch.ops.mkldnn._linear_pointwise.binary(x, expected, reordered(up), None, "mul"),
-         expected * torch.nn.functional.linear(x, up)),
     )  # fmt: skip
     for name, run, want in checks:
         try:
@@ -181,8 +186,7 @@ def use_faster_fp32_kernel(
     """Time the kernels on ``model`` (``rates``: their GFLOP/s, measured elsewhere; ``pinned``: a kernel to use
     untimed, ``eval.fp32_kernel``) and route every linear layer through the chosen one; what was chosen.
 
-    With oneDNN, each layer keeps only its reordered weight: ``weight`` is None afterwards, except for an output
-    head tied to the input embeddings, which stays plain. Only
+    With oneDNN, each linear layer is a :class:`OneDNNLinear` afterwards. Only
     for fp32 inference on a CPU: bf16 autocast and CUDA keep torch's own path (None).
     """
     if precision != "fp32" or next(model.parameters()).device.type != "cpu":
@@ -192,19 +196,6 @@ def use_faster_fp32_kernel(
     else:
         choice = choose_kernel(rates or time_kernels(model, available_kernels()))
     if choice["kernel"] == "onednn":
-        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-        for module in model.modules():
-            fused = fused_gated_mlp(module)
-            if fused is not None:
-                module.forward = fused
-                module.gate_proj.weight = module.up_proj.weight = None  # their reordered copies are in ``fused``
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight is not None:
-                # An output head tied to the input embeddings stays plain: with a reordered copy of SmolLM2's
-                # head, eval_all peaked at 2,965-3,031 MiB instead of 2,849.
-                tied = module is head and module.weight is embeddings.weight
-                module.forward = onednn_linear(module, reorder=not tied)
-                if not tied:
-                    module.weight = None  # the reordered copy is the one used: the plain one is let go
+        log.info("fp32 linear kernel: %d linear layers run by oneDNN", use_onednn_linears(model))
         copy_out_of_mapped_file(model.parameters())
     return choice

@@ -240,8 +240,6 @@ def load_for_inference(
     """
     from safetensors import SafetensorError
 
-    from lorapipe.models.attention import SHARED_KV_SDPA
-
     cuda = torch.cuda.is_available()
     dtype = torch.float32
     if cuda and precision == "bf16":
@@ -250,7 +248,7 @@ def load_for_inference(
         hardware = Hardware("cuda", four_bit, True, "", (), device_map={"": torch.cuda.current_device()})
         model = load_causal_lm(base, hardware)
     else:
-        model = load_causal_lm(base, dtype=dtype, attention="sdpa" if cuda else SHARED_KV_SDPA)
+        model = load_causal_lm(base, dtype=dtype, attention="sdpa")
     if adapter is not None:
         from peft import PeftModel
 

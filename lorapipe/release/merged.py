@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from lorapipe.decoding import stop_ids
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, read_json, write_json
 from lorapipe.models.adapters import load_adapted, scoring_base
-from lorapipe.models.decoding import stop_ids
 from lorapipe.models.loading import adds_bos, load_tokenizer, tokenizer_dir
 from lorapipe.release.gguf import GGUF_TYPES, write_gguf
 from lorapipe.release.modelfile import ollama_template, render_modelfile

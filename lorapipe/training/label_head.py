@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorapipe.models.cache_edits import broadcast_rows
+from lorapipe.decoding.cache_edits import broadcast_rows
 
 
 @dataclass
@@ -116,7 +116,7 @@ class MaskDropout(torch.nn.Module):
 
     Each drawn int64 gives four 16-bit lanes; 15 uniform bits of each (``random_`` leaves the int64 sign bit 0)
     are compared with ``p`` rounded to 1/32768. On 2 CPU cores this mask costs 1.2 ms where ``torch.rand``
-    costs 2.9 ms and ``nn.Dropout``'s Bernoulli draw more (a batch of 16 x 90 x 576; README: Training speed).
+    costs 2.9 ms and ``nn.Dropout``'s Bernoulli draw more (a batch of 16 x 90 x 576; docs/training-speed.md).
     """
 
     LEVELS = 1 << 15

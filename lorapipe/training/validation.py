@@ -1,7 +1,7 @@
 """Held-out accuracy while training: the validation tweets scored by label likelihood every ``train.eval_steps``.
 
 The validation split comes from the training pool (instructify draws it after the training tweets, never
-from the test set). Scoring is the evaluation's own label scoring (:func:`lorapipe.models.decoding.score_labels`,
+from the test set). Scoring is the evaluation's own label scoring (:func:`lorapipe.decoding.score_labels`,
 the shared prefix computed once per batch) on the model being trained, in its training precision, dropout off.
 Accuracy and macro F1 go through ``Trainer.log``, so transformers' DVCLive callback writes them beside the loss
 (``eval/accuracy``, ``eval/macro_f1``) and ``dvc plots`` draws them against the optimizer step.
@@ -17,7 +17,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from lorapipe.classification import classification_metrics
-from lorapipe.models.decoding import score_labels
+from lorapipe.decoding import score_labels
 
 log = logging.getLogger(__name__)
 

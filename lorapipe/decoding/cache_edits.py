@@ -1,6 +1,6 @@
 """Every edit this project makes to transformers' KV cache objects, and the checks of what those edits rely on.
 
-Decoding (:mod:`lorapipe.models.decoding`) and training's shared prefix (:mod:`lorapipe.training.label_head`) reach
+Decoding (:mod:`lorapipe.decoding`) and training's shared prefix (:mod:`lorapipe.training.label_head`) reach
 inside transformers' caches: it copies them per batch, cuts
 the fed label tokens off, widens layers to merge passes, and writes decoding steps into room set aside in place
 of ``DynamicLayer``'s concatenation. None of that is a public contract, so it is all here, the one file to audit
@@ -180,17 +180,6 @@ def with_room(cache, room: int) -> None:
             release(layer)
 
 
-def can_cut(cache) -> bool:
-    """Whether :func:`cut` can take tokens off every layer (a sliding-window layer cannot)."""
-    return all(isinstance(layer, RoomyLayer) for layer in cache.layers)
-
-
-def cut(cache, length: int) -> None:
-    """Forget every layer's keys and values past ``length`` (drafted tokens that greedy decoding rejected)."""
-    for layer in cache.layers:
-        layer.cut(length)
-
-
 class RoomyLayer(DynamicLayer):
     """A cache layer that writes each step's keys and values into room set aside for them.
 
@@ -230,10 +219,6 @@ class RoomyLayer(DynamicLayer):
         self.value_room[:rows, :, length : length + new] = value_states
         self._set(self.key_room, self.value_room, rows, length + new)
         return self.keys, self.values
-
-    def cut(self, length: int) -> None:
-        """Forget the keys and values past ``length`` (drafted tokens that greedy decoding rejected)."""
-        self._set(self.key_room, self.value_room, self.keys.shape[0], length)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         rows, length = len(indices), self.keys.shape[-2]
