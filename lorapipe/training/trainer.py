@@ -9,8 +9,8 @@ checkpoints, resumption, logging callbacks, distributed launch. Two things chang
 * LoRA dropout with a cheaper mask (:class:`~lorapipe.training.label_head.MaskDropout`);
 * memory: a batch whose forward would run more than ``pass_tokens`` tokens is split into forward/backward
   passes of fewer rows (:func:`split_rows`), each loss divided by the whole batch's label count, so the
-  gradients add up to the whole batch's. Activations are about 1 MiB per token here (bf16 autocast; 2 in
-  fp32): a batch of 16 instructions of 256 tokens held 5 GiB of them in one pass. Under DDP the ranks agree on
+  gradients add up to the whole batch's: a batch of long instructions in one pass held several GiB of
+  activations (docs/your-machine.md). Under DDP the ranks agree on
   the number of passes (the most any rank needs), since each pass runs collectives that must pair up.
 
 Three paths are private to TRL or transformers (``_metrics``, ``_total_train_tokens``, ``_get_train_sampler``);
