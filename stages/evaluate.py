@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from lorapipe.config import EvalParams, load_params
+from lorapipe.errors import PipelineError
 from lorapipe.evaluation.evaluate import (
     EvalData,
     Outputs,
@@ -68,6 +69,10 @@ def main() -> None:
         parser.error(f"one --metrics and one --predictions for each of the {models} model(s) scored")
 
     def body() -> None:
+        for option, values in (("--predictions", args.predictions), ("--metrics", args.metrics)):
+            shared = next((value for value in values if values.count(value) > 1), None)
+            if shared is not None:  # the second model's files would silently replace the first's
+                raise PipelineError(f"{option} {shared}: given for two models; give each model its own")
         bound_onednn_cache()  # before the first matmul (merging an adapter is one)
         params = load_params(args.params).eval
         adapters = [require_adapter(adapter) for adapter in args.adapter] or [None]

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from lorapipe.config import load_params
+from lorapipe.errors import PipelineError
 from lorapipe.io import run_stage
 from lorapipe.report.inputs import ModelFiles, ReportSources, load_report_inputs
 from lorapipe.report.markdown import write_report
@@ -54,6 +55,8 @@ def main() -> None:
     parser.add_argument("--manifest", type=Path, action="append", default=[], help="a fetch manifest")
     parser.add_argument("--lock", type=Path, help="dvc.lock, for the output hashes in the provenance section")
     args = parser.parse_args()
+    names = [name for name, _ in args.model]
+    twice = next((name for name in names if names.count(name) > 1), None)
     extras = {
         option: {name: found[0] for name, found in getattr(args, option)} for option in ("training", "curves", "card")
     }
@@ -71,7 +74,13 @@ def main() -> None:
         params_file=args.params,
         lock_file=args.lock,
     )
-    run_stage("report", lambda: write_report(load_report_inputs(sources, load_params(args.params).report), args.out))
+
+    def body() -> None:
+        if twice is not None:  # the models are kept by name: a second one would silently replace the first
+            raise PipelineError(f"--model {twice}: given twice; give each model its own name")
+        write_report(load_report_inputs(sources, load_params(args.params).report), args.out)
+
+    run_stage("report", body)
 
 
 if __name__ == "__main__":

@@ -516,6 +516,29 @@ CASES = [
         "params.yaml: mix.instruction_share: Input should be less than or equal to 1 (got 1.5)",
     ),
     case(
+        "params-alias-bomb",
+        "validate",
+        write("params.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"),
+        "params.yaml: not valid YAML",
+        "line 2",
+        "an alias (*a) is not allowed in a params file",
+    ),
+    case(
+        "params-test_size-fewer-than-labels",
+        "validate",
+        set_param("data.split.test_size", 1),
+        "params.yaml: data: Value error, split.test_size 1 is fewer than the 2 labels",
+        "raise data.split.test_size to 2 or more",
+    ),
+    case(
+        "params-valid_size-fewer-than-labels",
+        "validate",
+        set_param("data.split.valid_size", 1),
+        "params.yaml: data: Value error, split.valid_size 1 is fewer than the 2 labels",
+        "(or 0: no validation)",
+        forbidden=("train_size",),
+    ),
+    case(
         "params-labels-twice",
         "instructify",
         set_param("data.labels", ["positive", "Positive"]),
@@ -936,6 +959,23 @@ CASES = [
         write("data/predictions/sentiment/confusion.csv", "gold,guess\npositive,negative\n"),
         "data/predictions/sentiment/confusion.csv: no column 'actual' or 'predicted'",
     ),
+    case(
+        "evaluate-one-predictions-folder-for-two-models",
+        "evaluate",
+        nothing,
+        "--predictions data/predictions/sentiment: given for two models; give each model its own",
+        command_line=(
+            *COMMANDS["evaluate"],
+            *("--adapter", ADAPTER, "--metrics", "metrics/mixed.json", "--predictions", "data/predictions/sentiment"),
+        ),
+    ),
+    case(
+        "report-one-model-name-twice",
+        "report",
+        nothing,
+        "--model sentiment: given twice; give each model its own name",
+        command_line=(*COMMANDS["report"], "--model", "sentiment=metrics/sentiment.json,data/predictions/sentiment"),
+    ),
 ]
 
 
@@ -987,7 +1027,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) == 75  # a case lost in an edit shows here
+    assert len(ids) == 80  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command

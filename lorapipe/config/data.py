@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from lorapipe.config.fields import Section, doc
 from lorapipe.config.model import Source
@@ -65,6 +65,18 @@ class DataParams(Section):
     unlisted_labels: Literal["drop", "refuse"] = doc(
         "rows whose label (after label_map) is not in labels: drop them, or refuse the file"
     )
+
+    @model_validator(mode="after")
+    def _a_row_of_each_label_per_split(self) -> DataParams:
+        # A stratified split needs at least one row of each label in every split it draws.
+        for key, size in (("test_size", self.split.test_size), ("valid_size", self.split.valid_size)):
+            if 0 < size < len(self.labels):
+                raise ValueError(
+                    f"split.{key} {size} is fewer than the {len(self.labels)} labels: each split needs a row of every "
+                    f"label; raise data.split.{key} to {len(self.labels)} or more"
+                    + (" (or 0: no validation)" if key == "valid_size" else "")
+                )
+        return self
 
     @field_validator("labels")
     @classmethod

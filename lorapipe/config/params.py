@@ -53,7 +53,17 @@ def _got(error: dict) -> str:
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last; DVC refuses the file)."""
+    """YAML's safe loader refusing a key given twice in one mapping (PyYAML keeps the last; DVC refuses the file)
+    and any alias (``*name``): a few hundred bytes of nested aliases expand to gigabytes, and a params file has no
+    need of them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"an alias (*{event.anchor}) is not allowed in a params file", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
