@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= embedded
+# Values given as `make VAR=...` reach the commands as environment variables, quoted by the shell ("$$VAR"), never
+# pasted into the command line: a CI job's branch or tag name cannot run as a command.
+export VERSION STAGE PROFILE STORAGE
 
 .PHONY: setup repro test lint format profile register remote clean-venv
 
@@ -50,16 +53,16 @@ format: setup
 
 # Switch params.yaml to another profile from profiles/ (then `dvc exp run` or `make repro`).
 profile: setup
-	$(BIN)/python -m lorapipe.cli.profiles $(PROFILE)
+	$(BIN)/python -m lorapipe.cli.profiles "$$PROFILE"
 
 # Register the adapters of this commit as VERSION (e.g. v1.0.0) with GTO; STAGE=prod also assigns a stage.
 register: setup
-	PATH="$(abspath $(BIN)):$$PATH" python -m lorapipe.cli.register --version $(VERSION) $(if $(STAGE),--stage $(STAGE))
+	PATH="$(abspath $(BIN)):$$PATH" python -m lorapipe.cli.register --version "$$VERSION" $${STAGE:+--stage "$$STAGE"}
 
 # A default DVC remote in a local folder (dvc push / dvc pull); STORAGE=... to choose where.
 STORAGE ?= $(abspath ..)/lorapipe-dvc-storage
 remote: setup
-	$(BIN)/dvc remote add --force -d local $(STORAGE)
+	$(BIN)/dvc remote add --force -d local "$$STORAGE"
 
 clean-venv:
 	rm -rf $(VENV)
