@@ -671,6 +671,13 @@ CASES = [
         "data.unlisted_labels: drop",
     ),
     case(
+        "instructify-null-label-refused",
+        "instructify",
+        all_of(set_param("data.unlisted_labels", "refuse"), append("data/raw/tweets.csv", b",0.9,what a day\n")),
+        "data/raw/tweets.csv: row ",
+        ": no label in column 'sentiment' (1 rows without one); fill it, or set data.unlisted_labels: drop",
+    ),
+    case(
         "instructify-only-neutral-tweets",
         "instructify",
         write("data/raw/tweets.csv", HEADER + "neutral,0.9,just a car\nneutral,0.8,a day\n"),
@@ -1027,7 +1034,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) == 80  # a case lost in an edit shows here
+    assert len(ids) == 81  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command

@@ -56,6 +56,27 @@ def test_an_unlisted_label_is_refused_when_params_say_so_and_a_missing_column_na
         clean_tweets(frame([("positive", "1", "x")]).drop(columns="text"), Path("t.csv"), params.data)
 
 
+def test_an_integer_label_column_with_a_missing_value_maps_its_numbers(params):
+    data = params.data.model_copy(
+        update={"tweets": params.data.tweets.model_copy(update={"label_map": {"0": "negative", "1": "positive"}})}
+    )
+    for column in (pd.Series([1, 0, None], dtype="Int64"), pd.Series([1.0, 0.0, float("nan")])):
+        rows = pd.DataFrame({"sentiment": column, "confidence": ["1"] * 3, "text": ["x", "y", "z"]})
+        clean, counts = clean_tweets(rows, Path("t.parquet"), data)
+        assert sorted(zip(clean.text, clean.label, strict=True)) == [("x", "positive"), ("y", "negative")]
+        assert counts["unlisted"] == {"(no label)": 1}
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_row_without_a_label_is_dropped_or_refused_as_params_say(params, missing):
+    rows = frame([("positive", "1", "x"), ("negative", "1", "y"), (missing, "1", "z"), ("mixed", "1", "w")])
+    clean, counts = clean_tweets(rows, Path("t.jsonl"), params.data)
+    assert sorted(clean.text) == ["x", "y"] and counts["unlisted"] == {"(no label)": 1, "mixed": 1}
+    refuse = params.data.model_copy(update={"unlisted_labels": "refuse"})
+    with pytest.raises(PipelineError, match=r"t\.jsonl: row 3: no label in column 'sentiment' \(1 rows without one\)"):
+        clean_tweets(rows, Path("t.jsonl"), refuse)
+
+
 def test_split_is_balanced_disjoint_seeded_and_exact(params):
     rows = [
         (label, "1", f"{label} {i}")

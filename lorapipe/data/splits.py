@@ -27,17 +27,39 @@ def _require_columns(frame: pd.DataFrame, path: Path, fields: dict[str, str | No
             raise PipelineError(f"{path}: no column {column!r} ({param}); columns are {list(frame.columns)}")
 
 
+def _label_text(value: Any) -> str:
+    """A label cell as text; an integral float is the integer it holds (a parquet integer column with a missing
+    value is read as floats, and ``label_map`` names ``0``, not ``0.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
 def listed_labels(raw: pd.Series, path: Path, data: DataParams) -> tuple[pd.Series, dict[str, int]]:
     """Each row's label as ``data.labels`` spells it (after ``label_map``, ignoring case), or None where it is not
     listed; and how many rows each unlisted value has. ``unlisted_labels: refuse`` stops at the first one."""
     tweets = data.tweets
-    labels = raw.astype(str).str.strip()
+    # An empty cell (blank text, a JSON null, a missing parquet value) is no label; pandas keeps a missing value a
+    # float through astype(str), which no label rule can read.
+    missing = raw.isna() | raw.map(lambda value: isinstance(value, str) and not value.strip())
+    if missing.any() and data.unlisted_labels == "refuse":
+        row = int(missing.to_numpy().argmax()) + 1
+        raise PipelineError(
+            f"{path}: row {row}: no label in column {tweets.label_field!r} ({int(missing.sum())} rows without one); "
+            "fill it, or set data.unlisted_labels: drop"
+        )
+    labels = pd.Series(
+        ["" if gap else _label_text(value) for value, gap in zip(raw, missing, strict=True)], index=raw.index
+    )
     if tweets.label_map is not None:
         mapping = {str(key): value for key, value in tweets.label_map.items()}
         labels = labels.map(lambda value: mapping.get(value, value))
     spelled = {label.casefold(): label for label in data.labels}
     listed = labels.map(lambda value: spelled.get(" ".join(value.casefold().split())))
-    unlisted = dict(sorted(Counter(labels[listed.isna()]).items()))
+    listed[missing] = None
+    unlisted = dict(sorted(Counter(labels[listed.isna() & ~missing]).items()))
+    if missing.any():
+        unlisted["(no label)"] = int(missing.sum())
     if unlisted and data.unlisted_labels == "refuse":
         first = next(iter(unlisted))
         raise PipelineError(
