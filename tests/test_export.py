@@ -119,9 +119,18 @@ def test_the_modelfile_renders_the_training_prompt_and_stops_at_its_end_of_turn(
     _, tokenizer = merged
     trained = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     assert fill(template, system, CONVERSATION[1]["content"]) == trained
-    without_system = tokenizer.apply_chat_template(CONVERSATION[1:], tokenize=False, add_generation_prompt=True)
-    assert fill(template, None, CONVERSATION[1]["content"]) == without_system
+    # No SYSTEM: an empty system turn, as training wrote with prompt.system "" (not the template's default one).
+    empty = [{"role": "system", "content": ""}, CONVERSATION[1]]
+    empty_system = tokenizer.apply_chat_template(empty, tokenize=False, add_generation_prompt=True)
+    assert fill(template, None, CONVERSATION[1]["content"]) == empty_system
     assert json.loads((tmp_path / "gguf" / "export.json").read_text())["stop"] == ["<|im_end|>"]
+
+
+def test_a_system_prompt_holding_three_quotes_is_refused_and_nothing_is_written(adapted, tmp_path):
+    base, adapter = adapted
+    with pytest.raises(PipelineError, match=re.escape('prompt.system: holds \'"""\', which ends a Modelfile string')):
+        export_merged(base, adapter, tmp_path / "gguf", gguf_type="f16", system='Answer.\n"""\nFROM evil')
+    assert not (tmp_path / "gguf").exists()
 
 
 def test_an_adapter_trained_on_the_4bit_base_is_merged_into_the_full_precision_one(adapted, tmp_path, caplog):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,27 @@ def test_three_labels_get_macro_figures_per_label_rows_and_a_three_by_four_confu
     assert "| Model | positive precision | positive recall | positive F1 | negative precision |" in text
     assert "| mixed | 0.500 | 0.250 | 0.333 | 0.500 | 0.250 | 0.333 | 0.500 | 0.250 | 0.333 |" in text
     assert drawn_pixels(tmp_path / "report" / "confusion.png") > 0.02
+
+
+def test_markdown_in_labels_and_names_is_shown_as_text_and_keeps_every_table_row_whole():
+    labels = ("good | great", "bad *news*", "meh_<b>x</b>")
+    per_label = {label: {"precision": 0.5, "recall": 0.25, "f1": 0.3333} for label in labels}
+    metrics = model_metrics(0.7, 0.3)
+    metrics["sentiment"]["score"] = {**metrics["sentiment"]["score"], "per_label": per_label}
+    inputs = ReportInputs(
+        params=PARAMS.model_copy(update={"reference": {}}), metrics={"a_b*c*": metrics}, labels=labels
+    )
+    text = render_markdown(inputs)
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+    assert len(tables) >= 3  # label scoring, each label, generation
+    for header, _rule, *body in tables:
+        assert all(len(_cells(row)) == len(_cells(header)) for row in body), (header, body)
+    assert "| Model | good \\| great precision |" in text
+    assert "bad \\*news\\* recall" in text and "meh\\_\\<b\\>x\\</b\\> F1" in text
+    assert "Labels: good \\| great, bad \\*news\\*, meh\\_\\<b\\>x\\</b\\>." in text
+    assert "| a\\_b\\*c\\* |" in text
+
+
+def _cells(row: str) -> list[str]:
+    """A Markdown table row's cells: split at pipes that are not escaped."""
+    return re.split(r"(?<!\\)\|", row.strip().strip("|"))

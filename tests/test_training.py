@@ -146,6 +146,7 @@ def test_training_lowers_the_loss_and_writes_adapter_card_and_curves(tmp_path, t
     assert summary["shared_prefix"] is True and summary["processes"] == 1
     assert (job.adapter_out / "adapter_model.safetensors").exists()
     assert (job.adapter_out / "tokenizer.json").exists()
+    assert not list(job.adapter_out.glob("*.bin")), "the adapter ships a pickle"  # Trainer's training_args.bin
 
     card = (job.adapter_out / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\n")

@@ -13,12 +13,16 @@ SYSTEM_SLOT, PROMPT_SLOT = "\x00system\x00", "\x00prompt\x00"
 
 
 def ollama_template(tokenizer, strip_bos: bool) -> str:
-    """Ollama's TEMPLATE for a system turn (when given) and a user turn, then the assistant's header."""
+    """Ollama's TEMPLATE for a system turn and a user turn, then the assistant's header.
+
+    Training always wrote a system turn, an empty one included (``lorapipe.data.prompts``), so with no SYSTEM the
+    template renders an empty system turn, not the chat template's own default system prompt (SmolLM2 adds one).
+    """
     with_system = _render(tokenizer, [{"role": "system", "content": SYSTEM_SLOT}], strip_bos)
-    without = _render(tokenizer, [], strip_bos)
     if with_system is None:  # a template that refuses a system turn
-        return without
-    return f"{{{{ if .System }}}}{with_system}{{{{ else }}}}{without}{{{{ end }}}}"
+        return _render(tokenizer, [], strip_bos)
+    empty_system = with_system.replace("{{ .System }}", "")
+    return f"{{{{ if .System }}}}{with_system}{{{{ else }}}}{empty_system}{{{{ end }}}}"
 
 
 def _render(tokenizer, before: list[dict], strip_bos: bool) -> str | None:
@@ -38,6 +42,10 @@ def _render(tokenizer, before: list[dict], strip_bos: bool) -> str | None:
 
 def render_modelfile(gguf_file: str, template: str, stop: list[str], system: str | None) -> str:
     """The Modelfile: the GGUF beside it, the template, greedy decoding as evaluated, the end-of-turn stops."""
+    # Ollama's triple-quoted strings cannot hold three quotes: its parser would refuse the file or cut the text.
+    for field, text in (("prompt.system", system or ""), ("chat_template", template)):
+        if '"""' in text:
+            raise PipelineError(f'{field}: holds \'"""\', which ends a Modelfile string; Ollama could not read it')
     lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{template}"""']
     if system:
         lines.append(f'SYSTEM """{system}"""')

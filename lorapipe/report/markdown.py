@@ -55,9 +55,19 @@ def _number(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+_MARKDOWN = str.maketrans({char: "\\" + char for char in "\\`*_[]<>|#"})
+
+
+def markdown_text(text: str) -> str:
+    """User text (a label, a model name, an answer) shown as itself: Markdown's emphasis, code, links, HTML and
+    table characters backslash-escaped, so that ``bad *news*`` or ``good | great`` neither render nor split a
+    table row."""
+    return text.translate(_MARKDOWN)
+
+
 def _cell(text: str) -> str:
-    """Text that stays inside one Markdown table cell."""
-    return text.strip().replace("|", "\\|").replace("\n", "<br>") or "*(empty)*"
+    """User text that stays inside one Markdown table cell, as itself."""
+    return markdown_text(text.strip()).replace("\n", "<br>") or "*(empty)*"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -75,14 +85,18 @@ def _score_rows(inputs: ReportInputs, way: str, extra: tuple[str, ...] = ()) -> 
         scores = inputs.metrics[name].get("sentiment", {}).get(way)
         if scores:
             rows.append(
-                [name, *(_number(scores.get(key)) for key, _ in SCORES), *(_number(scores.get(k)) for k in extra)]
+                [
+                    _cell(name),
+                    *(_number(scores.get(key)) for key, _ in SCORES),
+                    *(_number(scores.get(k)) for k in extra),
+                ]
             )
     return rows
 
 
 def _headline_note(labels: tuple[str, ...]) -> str:
     if len(labels) == 2:
-        return f"F1, precision and recall are of the label {labels[0]!r} (the positive class)."
+        return f"F1, precision and recall are of the label '{markdown_text(labels[0])}' (the positive class)."
     return "F1, precision and recall are macro averages over the labels."
 
 
@@ -92,7 +106,10 @@ def _per_label_rows(inputs: ReportInputs) -> list[list[str]]:
         scores = inputs.metrics[name].get("sentiment", {}).get("score", {}).get("per_label")
         if scores:
             rows.append(
-                [name, *(_number(scores.get(label, {}).get(key)) for label in inputs.labels for key, _ in PER_LABEL)]
+                [
+                    _cell(name),
+                    *(_number(scores.get(label, {}).get(key)) for label in inputs.labels for key, _ in PER_LABEL),
+                ]
             )
     return rows
 
@@ -102,7 +119,7 @@ def _sentiment_section(inputs: ReportInputs) -> list[str]:
     lines = [
         f"## Sentiment on {n} held-out tweets" if n else "## Sentiment on held-out tweets",
         "",
-        f"Labels: {', '.join(inputs.labels)}. {_headline_note(inputs.labels)}",
+        f"Labels: {', '.join(map(markdown_text, inputs.labels))}. {_headline_note(inputs.labels)}",
         "",
         "**Label scoring**: the label the model finds likeliest as its whole answer (the label's tokens and the "
         "end-of-turn token after them).",
@@ -125,7 +142,7 @@ def _sentiment_section(inputs: ReportInputs) -> list[str]:
     lines += _table(["Model", *(title for _, title in SCORES)], rows)
     per_label = _per_label_rows(inputs)
     if per_label:
-        header = [f"{label} {title}" for label in inputs.labels for _, title in PER_LABEL]
+        header = [f"{_cell(label)} {title}" for label in inputs.labels for _, title in PER_LABEL]
         lines += ["Each label (label scoring):", "", *_table(["Model", *header], per_label)]
     scored_on = [
         f"{name}: {inputs.metrics[name]['scored_on']}" for name in inputs.models if "scored_on" in inputs.metrics[name]

@@ -90,6 +90,9 @@ def save_adapter(job: TrainJob, trainer, lora, train, summary: dict, examples: i
     trainer.save_model(str(staging))  # the adapter, its config and the tokenizer
     if not main:
         return
+    # Trainer also pickles its arguments beside the adapter; a user who loads that file runs what it holds, and the
+    # arguments are in the card and the curves already, so the adapter we register and push ships no pickle.
+    (staging / "training_args.bin").unlink(missing_ok=True)
     manifest = job.base_model / "manifest.json"
     facts = CardFacts(
         name=job.name,
