@@ -44,7 +44,7 @@ def data_params(tweets_source: dict, instructions_source: dict, **tweets: object
                 "balance": True,
                 "train_size": 1,
                 "valid_size": 0,
-                "test_size": 1,
+                "test_size": 2,
                 "instruction_test_size": 1,
                 "max_instruction_chars": 100,
             },
