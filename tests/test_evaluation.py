@@ -724,14 +724,13 @@ def test_the_faster_fp32_kernel_is_used_and_scores_and_answers_stay_the_fp32_one
 
 
 def test_reordered_onednn_weights_give_plain_onednn_s_outputs_to_the_bit():
-    from lorapipe.evaluation.kernels import OneDNNLinear, onednn_linear
+    from lorapipe.evaluation.kernels import OneDNNLinear
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 80, bias=True)
     with torch.inference_mode():
         for x in (torch.randn(3, 48), torch.randn(2, 7, 48), torch.randn(96, 48)):  # decoding, prefill, scoring
             plain = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
-            assert torch.equal(onednn_linear(layer)(x), plain)
             assert torch.equal(OneDNNLinear(layer)(x), plain) and torch.equal(
                 OneDNNLinear(layer, reorder=False)(x), plain
             )
@@ -743,7 +742,7 @@ def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model, monkeypatch)
 
     model = load_for_inference(taught_model)
     calls = {"mkl": 0, "onednn": 0}
-    real_linear = kernels.onednn_linear
+    real_linear = kernels.OneDNNLinear
 
     def counted_onednn(module, reorder=True):
         run = real_linear(module, reorder)
@@ -753,7 +752,7 @@ def test_both_kernels_are_timed_on_the_model_s_shapes(taught_model, monkeypatch)
     # FLOPs each kernel was timed on, which must be the same for both and add up over every shape's layers.
     ticks = iter(range(10**6))
     monkeypatch.setattr(kernels.time, "perf_counter", lambda: next(ticks) * 1e-3)
-    monkeypatch.setattr(kernels, "onednn_linear", counted_onednn)
+    monkeypatch.setattr(kernels, "OneDNNLinear", counted_onednn)
     rates = kernels.time_kernels(model, kernels.KERNELS, repeats=1)
     shapes = kernels._linear_shapes(model)
     loops = {(kernels.ROWS, 1), (kernels.DECODE_ROWS, kernels.ROWS // kernels.DECODE_ROWS)}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -41,18 +40,6 @@ DECODE_ROWS = 48  # a decoding step: one token of each answer still open
 def reordered(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` in oneDNN's blocked layout for a label-scoring batch's rows, reordered once."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS)
-
-
-def onednn_linear(module: torch.nn.Linear, reorder: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module``'s forward through oneDNN's fp32 kernel, its weight reordered once into oneDNN's layout (or, if
-    not ``reorder``, at every call, as oneDNN does with a plain weight: the same outputs)."""
-    weight = reordered(module.weight) if reorder else module.weight
-    bias = module.bias
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-
-    return forward
 
 
 class OneDNNLinear(torch.nn.Module):
@@ -142,7 +129,7 @@ def time_kernels(model, kernels: tuple[str, ...] = KERNELS, repeats: int = 3) ->
     flops, seconds = dict.fromkeys(kernels, 0.0), dict.fromkeys(kernels, 0.0)
     with torch.inference_mode():
         for module, layers in _linear_shapes(model).values():
-            runs = {kernel: onednn_linear(module) if kernel == "onednn" else module.forward for kernel in kernels}
+            runs = {kernel: OneDNNLinear(module) if kernel == "onednn" else module.forward for kernel in kernels}
             for rows, times in ((ROWS, repeats), (DECODE_ROWS, repeats * ROWS // DECODE_ROWS)):
                 x = torch.randn(rows, module.in_features)
                 for kernel, run in runs.items():
