@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROFILE ?= embedded
+ENGINE ?= queue
 # Values given as `make VAR=...` reach the commands as environment variables, quoted by the shell ("$$VAR"), never
 # pasted into the command line: a CI job's branch or tag name cannot run as a command.
-export VERSION STAGE PROFILE STORAGE
+export VERSION STAGE PROFILE STORAGE ENGINE SWEEP
 
-.PHONY: setup repro test lint format profile register remote clean-venv
+.PHONY: setup repro test lint format profile register remote sweep clean-venv
 
 # uv installs the pinned environment in 16 s where pip took 108 s (README: Quick start). It is handed pip's own index
 # settings (pip.conf and PIP_* variables, the variable first, as pip ranks them), so it installs from where pip would,
@@ -63,6 +64,12 @@ register: setup
 STORAGE ?= $(abspath ..)/lorapipe-dvc-storage
 remote: setup
 	$(BIN)/dvc remote add --force -d local "$$STORAGE"
+
+# A sweep, one DVC experiment per combination (README: More GPUs, more machines), on DVC's queue or a Ray cluster:
+#   make sweep SWEEP="-S lora.r=4,8,16 -S train.learning_rate=1e-3,2e-3" [ENGINE=ray]
+# SWEEP is split into words (globbing off), never run as code.
+sweep: setup
+	set -f; PATH="$(abspath $(BIN)):$$PATH" python -m lorapipe.cli.sweep --engine "$$ENGINE" $$SWEEP
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,7 +6,8 @@
         --summary metrics/train_sentiment.json --valid-file data/prepared/sentiment_valid.jsonl \
         --labels data/prepared/labels.json --processes 1 --accelerate-config configs/accelerate/ddp.yaml
 
-With --processes above 1 it runs itself under ``accelerate launch`` with that config (DDP, FSDP or ZeRO-3).
+With --processes above 1 it runs itself under ``accelerate launch`` with that config (DDP, FSDP or ZeRO-3); with
+--machines above 1, one such launch per machine, started through Ray (``lorapipe.training.machines``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from lorapipe.config import load_params
 from lorapipe.io import run_stage
 from lorapipe.training.launch import launched, relaunch
+from lorapipe.training.machines import relaunch_on_machines
 from lorapipe.training.recipe import TrainJob, train_adapter
 
 
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, help="the label set of the validation records")
     parser.add_argument("--processes", type=int, required=True, help="training processes (train.processes)")
     parser.add_argument("--accelerate-config", type=Path, required=True, help="used when --processes > 1")
+    parser.add_argument("--machines", type=int, required=True, help="machines the processes span (train.machines)")
     args = parser.parse_args()
     job = TrainJob(
         args.name,
@@ -52,6 +55,19 @@ def main() -> None:
 
     def body() -> None:
         params = load_params(args.params)
+        if args.machines > 1 and not launched():
+            small = [args.params, args.train_file, args.valid_file, args.labels, args.accelerate_config]
+            status = relaunch_on_machines(
+                args.accelerate_config,
+                args.processes,
+                args.machines,
+                sys.argv,
+                shipped=[str(path) for path in small if path is not None],
+                present=[str(args.base)],
+            )
+            if status:
+                sys.exit(status)
+            return
         if args.processes > 1 and not launched():
             status = relaunch(args.accelerate_config, args.processes, sys.argv)
             if status:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,22 @@ def hub_stand_in(monkeypatch):
     monkeypatch.setattr("huggingface_hub.HfApi.repo_info", repo_info)
     monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
     return SimpleNamespace(calls=calls, repos=repos)
+
+
+@contextlib.contextmanager
+def local_ray_cluster(head_cpus: int, worker_cpus: list[int]) -> Iterator[str]:
+    """A real Ray cluster of a head and one worker node per entry, all on this machine and on the loopback
+    address only; its address."""
+    from ray.cluster_utils import Cluster
+
+    # 127.0.0.2: Ray rewrites 127.0.0.1 and localhost to the machine's network address; any other loopback address
+    # keeps every connection on the loopback interface.
+    node = {"node_ip_address": "127.0.0.2", "include_dashboard": False, "object_store_memory": 80 * 2**20}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "num_cpus": head_cpus})
+    try:
+        for cpus in worker_cpus:
+            cluster.add_node(**{**node, "num_cpus": cpus})
+        cluster.wait_for_nodes()
+        yield cluster.address
+    finally:
+        cluster.shutdown()

@@ -19,15 +19,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, sentiment_rows, tiny_params
+from conftest import ROOT, local_ray_cluster, sentiment_rows, tiny_params
 from lorapipe.config import parse_params
 from lorapipe.data.prompts import instruction_prompt
+from lorapipe.errors import PipelineError
 from lorapipe.io import write_jsonl
 from lorapipe.models.loading import choose_hardware, load_causal_lm, load_tokenizer
 from lorapipe.records import record
 from lorapipe.training import trainer as trainer_module
 from lorapipe.training.batching import pass_count, prefix_key
 from lorapipe.training.build import lora_config, sft_config
+from lorapipe.training.machines import compare_inputs, fingerprint, machine_inputs
 
 RUN_TIMEOUT = 300  # seconds; a run whose ranks fall out of step waits for ever in a collective
 
@@ -47,7 +49,13 @@ Trainer._save_optimizer_and_scheduler = killed_mid_save
 
 
 def train(
-    tmp_path: Path, name: str, model: Path, processes: int, patch: Path | None = None
+    tmp_path: Path,
+    name: str,
+    model: Path,
+    processes: int,
+    patch: Path | None = None,
+    machines: int = 1,
+    env: dict[str, str] | None = None,
 ) -> tuple[Path, subprocess.CompletedProcess]:
     """stages/train.py run to its end (or killed, with everything it started, after RUN_TIMEOUT seconds)."""
     out = tmp_path / name
@@ -57,10 +65,10 @@ def train(
         *("--params", str(tmp_path / f"params-{processes}.yaml"), "--name", name, "--base", str(model)),
         *("--train-file", str(tmp_path / "train.jsonl"), "--adapter-out", str(out / "adapter")),
         *("--checkpoints", str(out / "checkpoints"), "--live-dir", str(out / "live")),
-        *("--summary", str(out / "summary.json"), "--processes", str(processes)),
+        *("--summary", str(out / "summary.json"), "--processes", str(processes), "--machines", str(machines)),
         *("--accelerate-config", str(ROOT / "configs" / "accelerate" / "ddp.yaml")),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     if patch is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(patch), env.get("PYTHONPATH")]))
     with subprocess.Popen(
@@ -260,3 +268,46 @@ def test_a_rank_with_fewer_rows_than_the_agreed_passes_joins_each_with_no_gradie
     # And the whole batch's gradients, however many passes: as one process's own split.
     for name, grad in alone[1].items():
         assert torch.allclose(joined[1][name], grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.slow
+def test_two_machines_started_through_ray_train_the_one_process_adapter(tmp_path, tiny_model):
+    """train.machines 2: the stage starts machine 1's launcher on another node of a Ray cluster (two raylets on
+    this machine, DDP over gloo between the two process groups); nobody types a command for machine 1."""
+    raw = tiny_params(tiny_model, tmp_path / "t.csv", tmp_path / "i.json")
+    raw["lora"].update(dropout=0.0)
+    raw["train"].update(learning_rate=1e-2, logging_steps=1, save_steps=100, cpu_precision="fp32")
+    write_params(tmp_path, raw)
+    two_machines = yaml.safe_load((tmp_path / "params-2.yaml").read_text())
+    two_machines["train"]["machines"] = 2
+    (tmp_path / "params-2.yaml").write_text(yaml.safe_dump(two_machines))
+    write_jsonl(tmp_path / "train.jsonl", sentiment_rows(parse_params(raw).prompt, 32))
+
+    single, _ = trained(tmp_path, "one", tiny_model, 1)
+    with local_ray_cluster(head_cpus=1, worker_cpus=[1]) as address:
+        double, log = trained(tmp_path, "two", tiny_model, 2, machines=2, env={"RAY_ADDRESS": address})
+
+    assert "machine 0 of 2 at 127.0.0.2" in log.stderr and "--machine_rank 0" in log.stderr, log.stderr[-4000:]
+    summary = json.loads((double / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 8
+    assert log.stderr.count(f"rank 0 wrote {double / 'adapter'}") == 1
+    assert_same_adapter(single, double)
+
+
+def test_a_machine_whose_base_model_differs_or_lacks_a_file_is_named(tmp_path, monkeypatch):
+    """What machine 1 reports of its inputs (another clone: another folder here) against machine 0's."""
+    for machine in ("zero", "one"):
+        (tmp_path / machine / "model").mkdir(parents=True)
+        (tmp_path / machine / "model" / "config.json").write_text("{}")
+        (tmp_path / machine / "model" / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path / "zero")
+    expected = fingerprint(["model"])
+    compare_inputs(1, expected, machine_inputs(str(tmp_path / "one"), ["model"]))  # the same: no error
+    (tmp_path / "one" / "model" / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(PipelineError, match=r"^machine 1: model/model.safetensors is not the same as on machine 0"):
+        compare_inputs(1, expected, machine_inputs(str(tmp_path / "one"), ["model"]))
+    (tmp_path / "one" / "model" / "model.safetensors").unlink()
+    with pytest.raises(PipelineError, match=r"^machine 1: model/model.safetensors is missing"):
+        compare_inputs(1, expected, machine_inputs(str(tmp_path / "one"), ["model"]))
+    with pytest.raises(PipelineError, match=r"^machine 2: .*/nowhere: no such folder"):
+        compare_inputs(2, expected, machine_inputs(str(tmp_path / "nowhere"), ["model"]))

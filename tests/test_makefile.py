@@ -1,4 +1,5 @@
-"""The Makefile hands user values (VERSION, STAGE, PROFILE, STORAGE) to its commands as data, never as shell code."""
+"""The Makefile hands user values (VERSION, STAGE, PROFILE, STORAGE, ENGINE, SWEEP) to its commands as data, never as
+shell code."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def workspace(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("target", "variable", "tool"),
     [("register", "VERSION", "python"), ("register", "STAGE", "python"), ("profile", "PROFILE", "python"),
-     ("remote", "STORAGE", "dvc")],
+     ("remote", "STORAGE", "dvc"), ("sweep", "ENGINE", "python")],
 )  # fmt: skip
 def test_a_value_with_shell_code_reaches_the_command_as_one_argument(workspace, target, variable, tool):
     # ``$(...)`` is make's own syntax (make expands it to a variable's value, running nothing), so it is left out.
@@ -51,3 +52,15 @@ def test_a_value_with_shell_code_reaches_the_command_as_one_argument(workspace, 
     assert done.returncode == 0, done.stderr
     assert not list(workspace.glob("INJECTED*")), "a value ran as shell code"
     assert value in (workspace / f"args-{tool}").read_text().splitlines()
+
+
+def test_sweep_options_are_split_into_words_and_never_run(workspace):
+    value = "-S lora.r=4,8 -S 'x=1;touch INJECTED' `touch INJECTED2` * ;touch INJECTED3"
+    done = subprocess.run(
+        ["make", "-s", "sweep", f"SWEEP={value}"], cwd=workspace, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert not list(workspace.glob("INJECTED*")), "a value ran as shell code"
+    args = (workspace / "args-python").read_text().splitlines()
+    assert args[args.index("--engine") + 1] == "queue"
+    assert args[args.index("queue") + 1 :] == value.split()

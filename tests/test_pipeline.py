@@ -241,26 +241,6 @@ def test_s3_push_interrupted_then_retried_and_pulled_into_a_fresh_clone(repo, tm
             assert (clone / "metrics" / f"{name}.json").read_text() == (repo / "metrics" / f"{name}.json").read_text()
 
 
-def test_queued_sweep_over_lora_rank_shows_in_exp_show(repo):
-    import time
-
-    restore_head(repo)
-    for rank in (2, 4, 16):
-        run(["dvc", "exp", "run", "--queue", "-S", f"lora.r={rank}", "--name", f"sweep-r{rank}"], repo)
-    run(["dvc", "queue", "start"], repo)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo)
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(5)
-    assert "Failed" not in status, status
-    table = run(["dvc", "exp", "show", "--csv", "--keep", "accuracy"], repo)
-    for rank in (2, 4, 16):
-        assert f"sweep-r{rank}" in table
-    assert "sentiment.score.accuracy" in table
-
-
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from lorapipe.config.fields import Section, doc
 
@@ -95,6 +95,11 @@ class TrainParams(Section):
         "recompute activations in backward (less memory, slower; turns shared_prefix off)"
     )
     processes: int = doc("training processes; more than 1 runs under accelerate launch with accelerate_config", gt=0)
+    machines: int = doc(
+        "machines the training processes span; more than 1: one accelerate launch per machine, started through the "
+        "Ray cluster at RAY_ADDRESS, with processes / machines processes each",
+        gt=0,
+    )
     accelerate_config: str = doc(
         "the accelerate config file used when processes > 1 (configs/accelerate/); it goes into the stage's command,"
         " so no spaces or shell characters",
@@ -106,6 +111,12 @@ class TrainParams(Section):
     )
     save_steps: int = doc("save a resumable checkpoint every this many optimizer steps", gt=0)
     save_total_limit: int = doc("keep this many newest checkpoints", gt=0)
+
+    @model_validator(mode="after")
+    def _processes_fill_the_machines(self) -> TrainParams:
+        if self.processes % self.machines:
+            raise ValueError(f"processes ({self.processes}) must be a multiple of machines ({self.machines})")
+        return self
 
     @field_validator("optim", "cpu_optim")
     @classmethod
