@@ -409,3 +409,74 @@ def test_a_c_library_without_mallinfo2_trims_every_batch_and_says_so_once(monkey
     said = [r.getMessage() for r in caplog.records if "mallinfo2" in r.getMessage()]
     assert said == ["fallback: the C library has no mallinfo2: glibc older than 2.33; freed memory is handed back "
                     "after every evaluation batch"]  # fmt: skip
+
+
+BUSY_LOOP = "while True: pass"
+
+
+def free_cores_settled(share: CoreShare, expected: int, tries: int = 6) -> int:
+    """The free cores, looked at again (up to ``tries`` times) while the machine's other work settles."""
+    for _ in range(tries):
+        found = share.free_cores()
+        if found == expected:
+            break
+    return found
+
+
+def test_the_threads_a_stage_picks_drop_while_a_busy_neighbour_runs_and_come_back_after(tmp_path, monkeypatch):
+    """A single-threaded busy loop in a session of its own (another terminal, niced: Linux's autogroups still give
+    it a fair share) takes a core from the count; when it ends the core comes back."""
+    monkeypatch.delenv(host.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = host_threads.host_cores()
+    threads = torch.get_num_threads()
+    share = CoreShare(tmp_path)
+    try:
+        assert free_cores_settled(share, cores) == cores
+        neighbour = subprocess.Popen(
+            [sys.executable, "-c", BUSY_LOOP], start_new_session=True, preexec_fn=lambda: os.nice(19)
+        )
+        try:
+            time.sleep(0.2)
+            assert free_cores_settled(share, max(1, cores - 1)) == max(1, cores - 1)
+            assert share.refresh() == max(1, cores - 1) == torch.get_num_threads()
+        finally:
+            neighbour.kill()
+            neighbour.wait()
+        assert free_cores_settled(share, cores) == cores and share.refresh() == cores
+    finally:
+        share.close()
+        torch.set_num_threads(threads)
+
+
+def test_other_work_starting_mid_run_is_logged_and_changes_neither_the_threads_nor_the_adapter(
+    tmp_path, tiny_model, params, monkeypatch, caplog
+):
+    """The count is chosen once when the stage starts: work that starts mid-run (here, as the stage sees it: two
+    cores busy elsewhere from the first step on) leaves the threads, and so the arithmetic, as they were."""
+    monkeypatch.delenv(host.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(host_threads, "WATCH_SECONDS", 0.0)
+    threads = torch.get_num_threads()
+    try:
+        quiet = adapter_after(tmp_path, tiny_model, params, "quiet", cpu_precision="fp32")
+        seen: list[int] = []
+        real_watch = host_threads.CoreShare.watch
+
+        def busy_from_now_on(share):
+            seen.append(torch.get_num_threads())  # first: the count chosen at the start
+            monkeypatch.setattr(host_threads, "busy_elsewhere", lambda since: 2.0)
+            real_watch(share)
+            seen.append(torch.get_num_threads())
+
+        monkeypatch.setattr(host_threads.CoreShare, "watch", busy_from_now_on)
+        with caplog.at_level("INFO", logger="lorapipe.host.threads"):
+            busy = adapter_after(tmp_path, tiny_model, params, "busy", cpu_precision="fp32")
+        chosen = seen[0]
+        assert len(seen) > 2 and set(seen) == {chosen}
+        assert "other work now keeps 2 of" in caplog.text and f"keeps its {chosen} threads" in caplog.text
+        summary = (tmp_path / "busy" / "metrics" / "train_sentiment.json").read_text()
+        assert f'"threads": {chosen}' in summary
+        assert all(torch.equal(quiet[k], busy[k]) for k in quiet)
+    finally:
+        torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ import torch
 
 from lorapipe.decoding import cache_edits
 from lorapipe.decoding.prompts import common_prefix_length
-from lorapipe.host import refresh_threads, release_free_memory
+from lorapipe.host import release_free_memory, watch_cores
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def prefilled_batches(
     started, done = time.perf_counter(), 0
     log.info("%s: %d prompts, %d shared prefix tokens, batches of %d", what, len(ids), prefix.length, batch_size)
     for start in range(0, len(order), batch_size):
-        refresh_threads()
+        watch_cores()
         release_free_memory(above=FREE_HELD)
         rows = order[start : start + batch_size]
         suffixes = [ids[i][prefix.length :] for i in rows]
@@ -248,7 +248,7 @@ def plain_batches(model, ids: list[list[int]], what: str) -> Iterator[Batch]:
     """One batch per prompt (:func:`_plain_batch`), shortest first; logs examples/s as the caller consumes them."""
     started = time.perf_counter()
     for done, row in enumerate(sorted(range(len(ids)), key=lambda i: len(ids[i])), start=1):
-        refresh_threads()
+        watch_cores()
         release_free_memory(above=FREE_HELD)
         yield _plain_batch(model, row, ids[row])
         log.debug("%s: %d/%d (%.1f examples/s)", what, done, len(ids), done / (time.perf_counter() - started))

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from lorapipe.classification import classification_metrics
 from lorapipe.config import EvalParams
 from lorapipe.decoding import generate_answers, predict_sentiment
@@ -176,6 +178,7 @@ def evaluate_model(model, tokenizer, data: EvalData, params: EvalParams) -> Outp
         # Prompts cut in the middle to eval.max_prompt_tokens (tweets; held-out and out-of-sample instructions).
         "truncated_prompts": {"sentiment": sum(p.truncated for p in predictions), "instructions": generated.truncated},
         "seconds": seconds,
+        "threads": torch.get_num_threads(),  # chosen once when the stage started (lorapipe/host/threads.py)
         "peak_rss_mib": peak_rss_mib(),
         "speed": {
             "sentiment_examples_per_second": round(len(actual) / max(seconds["sentiment"], 0.1), 2),

@@ -16,7 +16,7 @@ from lorapipe.host.memory import (
     reset_peak_rss,
 )
 from lorapipe.host.precision import PrecisionChoice, all_ranks_agree, choose_precision, step_timer
-from lorapipe.host.threads import THREADS_ENV, CoreShare, host_cores, refresh_threads, shared_cores
+from lorapipe.host.threads import THREADS_ENV, CoreShare, host_cores, shared_cores, watch_cores
 
 __all__ = [
     "THREADS_ENV",
@@ -29,9 +29,9 @@ __all__ = [
     "host_cores",
     "keep_freed_memory",
     "peak_rss_mib",
-    "refresh_threads",
     "release_free_memory",
     "reset_peak_rss",
     "shared_cores",
     "step_timer",
+    "watch_cores",
 ]

@@ -54,6 +54,7 @@ def summarise(
         "attention": hardware.attention,
         "shared_prefix": getattr(trainer, "shared_prefix", False),
         "processes": trainer.accelerator.num_processes,
+        "threads": torch.get_num_threads(),  # chosen once when the stage started (lorapipe/host/threads.py)
         "fallbacks": list(hardware.fallbacks),
         "trainable_parameters": trainable,
     }

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from lorapipe.config import LoraParams, TrainParams
 from lorapipe.errors import PipelineError
-from lorapipe.host import PrecisionChoice, bound_onednn_cache, keep_freed_memory, refresh_threads, shared_cores
+from lorapipe.host import PrecisionChoice, bound_onednn_cache, keep_freed_memory, shared_cores, watch_cores
 from lorapipe.io import write_json
 from lorapipe.labels import read_labels
 from lorapipe.models.loading import Hardware, choose_hardware
@@ -67,7 +67,7 @@ def train_adapter(job: TrainJob, lora: LoraParams, train: TrainParams, hardware:
             hardware = dataclasses.replace(hardware, precision=choice.precision)
         resume = resume_checkpoint(job, lora, train, hardware)
         trainer = build_trainer(job, rows, model, tokenizer, lora, train, hardware, resume is not None, label_head)
-        trainer.add_callback(RefreshThreads())
+        trainer.add_callback(WatchCores())
         validation = None
         if valid is not None:
             validation = Validation(tokenizer, valid[1], valid[0], train.eval_steps)
@@ -114,11 +114,11 @@ def disk_full_is_one_line(checkpoints: Path) -> Iterator[None]:
         ) from None
 
 
-class RefreshThreads(TrainerCallback):
-    """Before each step, threads = cores / the lorapipe workers running now (a queued experiment may start)."""
+class WatchCores(TrainerCallback):
+    """Before each step, log other work taking or giving back cores (the thread count stays as the stage chose)."""
 
     def on_step_begin(self, args, state, control, **kwargs):
-        refresh_threads()
+        watch_cores()
 
 
 def host_choices(hardware: Hardware) -> dict[str, Any]:
