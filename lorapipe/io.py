@@ -40,7 +40,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as err:
+        raise PipelineError(f"{target}: cannot write it: {err.strerror}") from None
     try:
         yield staging
     except BaseException:
@@ -65,7 +68,10 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(target)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as err:
+        raise PipelineError(f"{target}: cannot write it: {err.strerror}") from None
     os.close(fd)
     staging = Path(name)
     try:
@@ -170,6 +176,9 @@ def run_stage(name: str, body: Callable[[], None]) -> None:
     try:
         body()
     except PipelineError as err:
+        log.error("stage %s failed: %s", name, err)
+        sys.exit(1)
+    except OSError as err:  # a read-only folder, a full disk: the file and the system's reason, in one line
         log.error("stage %s failed: %s", name, err)
         sys.exit(1)
     log.info("stage %s: done in %.1f s", name, time.perf_counter() - started)

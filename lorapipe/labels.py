@@ -9,6 +9,7 @@ With two labels the first is the positive class of precision, recall and F1 (the
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,11 +23,23 @@ NO_LABEL = "none"  # the confusion matrix's column for answers that name no labe
 
 
 def label_words(label: str) -> list[str]:
-    return label.casefold().split()
+    """A label's words as they are compared: Unicode NFC ('café' typed or decomposed), case and spacing aside."""
+    return unicodedata.normalize("NFC", label).casefold().split()
+
+
+def label_key(label: str) -> str:
+    """What two spellings of one label share (:func:`label_words`, joined)."""
+    return " ".join(label_words(label))
+
+
+def normal_label(label: str) -> str:
+    """A label as the pipeline writes it: NFC, one space between its words, its case kept."""
+    return " ".join(unicodedata.normalize("NFC", label).split())
 
 
 def label_problems(labels: Sequence[str]) -> str | None:
-    """Why ``labels`` cannot be a label set, or None: fewer than two, blank, duplicate (ignoring case and spacing),
+    """Why ``labels`` cannot be a label set, or None: fewer than two, blank, duplicate (ignoring case, spacing and
+    Unicode form),
     or one contained word for word in another ("spam" in "not spam": an answer naming one would name both)."""
     if len(labels) < 2:
         return "needs at least two labels"
@@ -39,13 +52,13 @@ def label_problems(labels: Sequence[str]) -> str | None:
             return f"{label!r} has no letter or digit, so no answer could be read as it"
     seen: dict[str, str] = {}
     for label in labels:
-        key = " ".join(label_words(label))
+        key = label_key(label)
         if key in seen:
-            return f"{label!r} and {seen[key]!r} are the same label (case and spacing aside)"
+            return f"{label!r} and {seen[key]!r} are the same label (case, spacing and Unicode form aside)"
         seen[key] = label
     for label in labels:
         for other in labels:
-            inner, outer = " ".join(label_words(label)), " ".join(label_words(other))
+            inner, outer = label_key(label), label_key(other)
             if inner != outer and f" {inner} " in f" {outer} ":
                 return (
                     f"{label!r} is part of {other!r}: an answer naming {other!r} would name both; "
@@ -79,17 +92,17 @@ class LabelSet:
     def _pattern(self) -> re.Pattern[str]:
         # Longest first: at one position the longer of two overlapping labels wins.
         words = sorted(self.labels, key=lambda label: -len(label))
-        alternatives = "|".join(r"\s+".join(map(re.escape, label.split())) for label in words)
+        alternatives = "|".join(r"\s+".join(map(re.escape, normal_label(label).split())) for label in words)
         return re.compile(f"{_EDGE_BEFORE}({alternatives}){_EDGE_AFTER}", re.IGNORECASE)
 
     def _canonical(self, text: str) -> str:
-        key = " ".join(label_words(text))
-        return next(label for label in self.labels if " ".join(label_words(label)) == key)
+        key = label_key(text)
+        return next(label for label in self.labels if label_key(label) == key)
 
     def named(self, answer: str) -> list[str]:
         """The distinct labels ``answer`` names, in the order it names them."""
         found: list[str] = []
-        for match in self._pattern.finditer(answer):
+        for match in self._pattern.finditer(unicodedata.normalize("NFC", answer)):
             label = self._canonical(match.group(1))
             if label not in found:
                 found.append(label)
@@ -97,7 +110,7 @@ class LabelSet:
 
     def parse(self, answer: str) -> str | None:
         """The first label ``answer`` names (its prediction), or None if it names none."""
-        match = self._pattern.search(answer)
+        match = self._pattern.search(unicodedata.normalize("NFC", answer))
         return self._canonical(match.group(1)) if match else None
 
 

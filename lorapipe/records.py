@@ -87,3 +87,15 @@ def read_records(
 def answer_text(row: dict[str, Any]) -> str:
     """The assistant's answer of a checked record."""
     return row["completion"][-1]["content"]
+
+
+def render_chat(tokenizer, conversation: Conversation, add_generation_prompt: bool = False) -> str:
+    """``conversation`` as the tokenizer's chat template renders it; a template that fails (transformers renders
+    it in Jinja's sandbox, which stops an escape with a SecurityError) is one line naming it."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as err:
+        where = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise PipelineError(f"{where}: chat_template: {type(err).__name__}: {err}") from None

@@ -57,7 +57,7 @@ COMMANDS: dict[str, list[str]] = {
         "train",
         "--name sentiment --base models/base --train-file data/prepared/sentiment_train.jsonl "
         "--adapter-out models/adapters/sentiment --checkpoints models/checkpoints/sentiment "
-        "--live-dir dvclive/sentiment --summary metrics/train_sentiment.json --processes 1 "
+        "--live-dir dvclive/sentiment --summary metrics/train_sentiment.json --processes 1 --machines 1 "
         "--valid-file data/prepared/sentiment_valid.jsonl --labels data/prepared/labels.json",
         "--accelerate-config",
         str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
@@ -280,6 +280,19 @@ def card_base(**changes: Any) -> Setup:
     return setup
 
 
+def cardless_adapter_of(base_name: str) -> Setup:
+    """The adapter without its card (trained elsewhere), its PEFT config naming ``base_name`` as its base."""
+
+    def setup(ws: Workspace) -> None:
+        ws.path(f"{ADAPTER}/card.json").unlink()
+        path = ws.path(f"{ADAPTER}/adapter_config.json")
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = base_name
+        path.write_text(json.dumps(config))
+
+    return setup
+
+
 def all_of(*setups: Setup) -> Setup:
     def run(ws: Workspace) -> None:
         for setup in setups:
@@ -457,6 +470,24 @@ CASES = [
         "params.yaml: train.batch_size: Input should be a valid integer (got True)",
     ),
     case(
+        "params-chat-template-invalid-jinja",
+        "validate",
+        set_param("model.chat_template", "{% for m in messages %}{{ m.content }"),
+        "params.yaml: model.chat_template: Value error, not valid Jinja (line 1): unexpected '}'",
+    ),
+    case(
+        "params-chat-template-sandbox-escape",
+        "validate",
+        set_param("model.chat_template", "{{ ''.__class__.__mro__ }}"),
+        "params.yaml: model.chat_template: Value error, does not render a user/assistant chat: SecurityError",
+    ),
+    case(
+        "params-eval.max_new_tokens-unbounded",
+        "validate",
+        set_param("eval.max_new_tokens", 10**8),
+        "params.yaml: eval.max_new_tokens: Input should be less than or equal to 32768 (got 100000000)",
+    ),
+    case(
         "params-lora.r-string",
         "train",
         set_param("lora.r", "8"),
@@ -543,6 +574,13 @@ CASES = [
         "instructify",
         set_param("data.labels", ["positive", "Positive"]),
         "params.yaml: data.labels: Value error, 'Positive' and 'positive' are the same label",
+    ),
+    case(
+        "params-labels-nfc-and-nfd-twins",
+        "instructify",
+        set_param("data.labels", ["caf\u00e9", "cafe\u0301"]),
+        "params.yaml: data.labels: Value error,",
+        "are the same label (case, spacing and Unicode form aside)",
     ),
     case(
         "params-labels-one-inside-another",
@@ -720,6 +758,12 @@ CASES = [
         "instructify",
         write("out_of_sample.yaml", "- id: a\n  instruction: Name a colour.\n- id: b\n  input: x\n"),
         "out_of_sample.yaml: item 2 has no field 'instruction'",
+    ),
+    case(
+        "instructify-out-of-sample-input-is-a-list",
+        "instructify",
+        write("out_of_sample.yaml", "- id: a\n  instruction: Name a colour.\n  input: [red, blue]\n"),
+        "out_of_sample.yaml: item 1 field 'input' is a list, not a text",
     ),
     case(
         "instructify-manifest-missing",
@@ -911,11 +955,34 @@ CASES = [
         "pass --allow-other-base",
     ),
     case(
+        "chat-cardless-adapter-of-another-base",
+        "chat",
+        cardless_adapter_of("mistralai/Mistral-7B-v0.1"),
+        f"{ADAPTER}/adapter_config.json: base_model_name_or_path: the adapter names mistralai/Mistral-7B-v0.1 as "
+        "its base and has no card.json",
+        "pass --allow-other-base",
+    ),
+    case(
+        "export-cardless-adapter-of-another-base",
+        "export",
+        cardless_adapter_of("mistralai/Mistral-7B-v0.1"),
+        f"{ADAPTER}/adapter_config.json: base_model_name_or_path: the adapter names mistralai/Mistral-7B-v0.1",
+    ),
+    case(
         "chat-max-new-tokens-zero-cli",
         "chat",
         nothing,
         "--max-new-tokens 0: an answer needs at least 1 new token",
         argv=(("--max-new-tokens", "0"),),
+        cli=True,
+    ),
+    case(
+        "chat-max-new-tokens-past-the-context-cli",
+        "chat",
+        nothing,
+        "max_new_tokens 100000000: the longest prompt (",
+        "and its answer would pass the model's context of 256 tokens; at most",
+        argv=(("--max-new-tokens", "100000000"),),
         cli=True,
     ),
     case(
@@ -938,6 +1005,23 @@ CASES = [
         argv=(("--out", ADAPTER),),
         command_line=(*tool("lorapipe.cli.export", f"--adapter {ADAPTER} --force"),),
         cli=True,
+    ),
+    case(
+        "export-pickled-adapter-only",
+        "export",
+        all_of(
+            lambda ws: ws.path(f"{ADAPTER}/adapter_model.safetensors").unlink(),
+            write(f"{ADAPTER}/adapter_model.bin", b"\x80\x04K\x01."),
+        ),
+        f"{ADAPTER}: no adapter_model.safetensors (only a pickled adapter_model.bin, which is never loaded",
+    ),
+    case(
+        "export-out-not-writable",
+        "export",
+        nothing,
+        "Operation not permitted",
+        "/sys/lorapipe-exported",
+        argv=(("--out", "/sys/lorapipe-exported"),),
     ),
     case(
         "export-out-is-the-repository",
@@ -1034,7 +1118,7 @@ def test_bad_input_stops_with_one_clear_line(
 
 def test_every_stage_and_tool_has_bad_input_cases_with_distinct_names() -> None:
     ids = [param.id for param in CASES]
-    assert len(ids) == 81  # a case lost in an edit shows here
+    assert len(ids) == 91  # a case lost in an edit shows here
     assert len(set(ids)) == len(ids), sorted(i for i in ids if ids.count(i) > 1)
     per_command = {command: sum(p.values[0].command == command for p in CASES) for command in OUTPUTS}
     assert all(count >= 1 for count in per_command.values()), per_command

@@ -4,6 +4,7 @@ from pydantic import BaseModel
 
 from conftest import ROOT
 from lorapipe.config import OPTIMIZERS, Params, ParamsError, load_params, parse_params
+from lorapipe.errors import PipelineError
 
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
 
@@ -143,3 +144,15 @@ def test_labels_that_parse_apart_are_accepted(labels):
     raw = raw_params()
     raw["data"]["labels"] = labels
     assert parse_params(raw).data.labels == labels
+
+
+def test_a_profile_name_that_leaves_profiles_is_one_line_not_a_copy_onto_itself(tmp_path):
+    from lorapipe.cli.profiles import use_profile
+
+    (tmp_path / "profiles").mkdir()
+    params = tmp_path / "params.yaml"
+    params.write_text("x: 1\n")
+    for name in ("../params", "/etc/passwd", ".hidden"):
+        with pytest.raises(PipelineError, match=r"not a profile name \(a file name in .*profiles/ without \.yaml"):
+            use_profile(name, tmp_path / "profiles", params)
+    assert params.read_text() == "x: 1\n"

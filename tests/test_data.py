@@ -6,11 +6,12 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_params, write_instructions_json, write_tweets_csv
-from lorapipe.config import MixParams, parse_params
+from lorapipe.config import MixParams, ParamsError, parse_params
 from lorapipe.data.instructify import instructify
 from lorapipe.data.splits import clean_tweets, mix_records, sentiment_records, split_tweets
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl, write_json
+from lorapipe.labels import LabelSet
 from lorapipe.sources.tables import read_table
 
 
@@ -271,3 +272,26 @@ def test_the_seed_tweets_from_a_parquet_stand_in_of_carblacac(tmp_path, monkeypa
     assert stats["sentiment_train"] == {"negative": 10, "positive": 10}
     test = read_jsonl(tmp_path / "prepared" / "sentiment_test.jsonl")
     assert all(("happy" in r["text"]) == (r["label"] == "positive") for r in test)
+
+
+def test_labels_in_another_unicode_form_or_spacing_match_the_data_and_twins_are_refused(tmp_path, tiny_sources):
+    """data.labels typed in NFC, the data decomposed (NFD), a label with two inner spaces: every row matches;
+    a label given once in each form is one label twice."""
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    raw = tiny_params(tmp_path / "model", tiny_sources["tweets"], tiny_sources["instructions"])
+    raw["data"]["labels"] = [nfc, "not  bad"]
+    data = parse_params(raw).data
+    assert data.labels == [nfc, "not bad"]  # written as the pipeline reads them
+    rows = frame([(nfd, "1", "x"), ("Not bad", "1", "y"), (f" {nfd.upper()} ", "1", "z"), ("not   bad", "1", "w")])
+    clean, counts = clean_tweets(rows, Path("t.csv"), data.model_copy(update={"unlisted_labels": "refuse"}))
+    assert sorted(zip(clean.text, clean.label, strict=True)) == [
+        ("w", "not bad"),
+        ("x", nfc),
+        ("y", "not bad"),
+        ("z", nfc),
+    ]
+    assert "unlisted" not in counts
+    assert LabelSet(tuple(data.labels)).parse(f"The answer: {nfd}.") == nfc
+    raw["data"]["labels"] = [nfc, nfd]
+    with pytest.raises(ParamsError, match="are the same label \\(case, spacing and Unicode form aside\\)"):
+        parse_params(raw)

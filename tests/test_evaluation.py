@@ -373,8 +373,9 @@ def test_evaluate_model_writes_metrics_and_predictions(taught_model, tmp_path, m
 
     metrics = json.loads((tmp_path / "metrics" / "m.json").read_text())
     assert set(metrics) == {
-        *("sentiment", "instructions", "examples", "seconds", "speed", "peak_rss_mib", "truncated_prompts")
+        *("sentiment", "instructions", "examples", "seconds", "speed", "peak_rss_mib", "truncated_prompts", "threads")
     }
+    assert metrics["threads"] == torch.get_num_threads()
     assert metrics["truncated_prompts"] == {"sentiment": 0, "instructions": 0}
     assert metrics["peak_rss_mib"] > 100  # this process's peak resident memory, in MiB
     assert set(metrics["seconds"]) == {"sentiment", "generation", "text_scores"}

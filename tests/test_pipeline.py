@@ -119,14 +119,33 @@ def test_exp_run_lora_rank_reruns_only_what_reads_lora(repo):
     assert diff["metrics/train_sentiment.json"]["trainable_parameters"]["diff"] < 0
 
 
-def test_exp_run_with_a_bad_value_stops_before_any_output_is_deleted(repo):
+@pytest.mark.parametrize(
+    ("command", "first"),
+    [
+        (["dvc", "exp", "run", "-S", "lora.r=0", "--name", "rank0"], "validate"),
+        # Options that skip the validate stage: the train stage itself refuses, with its outputs in place.
+        (["dvc", "repro", "--single-item", "train_sentiment"], "train_sentiment"),
+        (["dvc", "repro", "--downstream", "train_sentiment"], "train_sentiment"),
+        (["dvc", "exp", "run", "--downstream", "train_sentiment", "-S", "lora.r=0"], "train_sentiment"),
+    ],
+)
+def test_a_bad_value_stops_before_any_output_is_deleted(repo, command, first):
     restore_head(repo)
     kept = {
         path: (repo / path).read_bytes()
-        for path in ("metrics/train_sentiment.json", "models/adapters/sentiment/adapter_model.safetensors")
+        for path in (
+            "metrics/train_sentiment.json",
+            "models/adapters/sentiment/adapter_model.safetensors",
+            "dvclive/sentiment/metrics.json",
+            "metrics/sentiment.json",
+        )
     }
+    if command[:2] == ["dvc", "repro"]:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["lora"]["r"] = 0
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = subprocess.run(
-        ["dvc", "exp", "run", "-S", "lora.r=0", "--name", "rank0"],
+        command,
         cwd=repo,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
         capture_output=True,
@@ -135,9 +154,8 @@ def test_exp_run_with_a_bad_value_stops_before_any_output_is_deleted(repo):
     )
     assert done.returncode != 0
     assert "params.yaml: lora.r: Input should be greater than 0" in done.stdout + done.stderr
-    assert stages_run(done.stdout + done.stderr) == {"validate"}
+    assert stages_run(done.stdout + done.stderr) == {first}
     assert {path: (repo / path).read_bytes() for path in kept} == kept
-    assert (repo / "dvclive" / "sentiment").is_dir()
     restore_head(repo)
 
 
@@ -243,6 +261,25 @@ def test_s3_push_interrupted_then_retried_and_pulled_into_a_fresh_clone(repo, tm
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_registration_leaves_head_and_tags_unchanged(repo):
+    """A version GTO would refuse, and --push with no origin: both refused before anything is written."""
+    restore_head(repo)
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "results to register", "--allow-empty"], repo)
+    head, tags = run(["git", "rev-parse", "HEAD"], repo), run(["git", "tag", "--list"], repo)
+    register = [sys.executable, "-m", "lorapipe.cli.register"]
+    for args, message in (
+        (["--version", "1.0"], "--version 1.0: not a version GTO registers"),
+        (["--version", "v9.0.0", "--push"], "origin"),
+        (["--version", "v9.0.0", "--stage", "x"], "--stage x: Invalid value 'x'"),
+    ):
+        done = subprocess.run([*register, *args], cwd=repo, capture_output=True, text=True, check=False)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert run(["git", "rev-parse", "HEAD"], repo) == head and run(["git", "tag", "--list"], repo) == tags
+        assert run(["git", "status", "--porcelain", "dvc.yaml"], repo) == ""
 
 
 def test_registered_versions_are_pulled_by_name_from_git_and_dvc_remotes(repo, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,11 +17,16 @@ PROFILES = Path("profiles")
 def use_profile(name: str, profiles: Path = PROFILES, params: Path = Path("params.yaml")) -> Path:
     """Validate ``profiles/<name>.yaml`` and copy it over ``params``."""
     source = profiles / f"{name}.yaml"
+    known = ", ".join(sorted(p.stem for p in profiles.glob("*.yaml")))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise PipelineError(f"{name}: not a profile name (a file name in {profiles}/ without .yaml; known: {known})")
     if not source.exists():
-        known = ", ".join(sorted(p.stem for p in profiles.glob("*.yaml")))
         raise PipelineError(f"{source}: no such profile (known: {known})")
     load_params(source)
-    shutil.copyfile(source, params)
+    try:
+        shutil.copyfile(source, params)
+    except OSError as err:
+        raise PipelineError(f"{params}: cannot write it: {err.strerror}") from None
     return source
 
 

@@ -9,7 +9,7 @@ from pydantic import field_validator, model_validator
 
 from lorapipe.config.fields import Section, doc
 from lorapipe.config.model import Source
-from lorapipe.labels import label_problems
+from lorapipe.labels import label_problems, normal_label
 
 
 class TweetsParams(Section):
@@ -84,4 +84,5 @@ class DataParams(Section):
         problem = label_problems(value)
         if problem:
             raise ValueError(problem)
-        return value
+        # Written as the pipeline reads them: the data's spellings (another Unicode form, more spaces) match.
+        return [normal_label(label) for label in value]

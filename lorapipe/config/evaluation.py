@@ -10,8 +10,10 @@ from lorapipe.config.fields import Section, doc
 class EvalParams(Section):
     batch_size: int = doc("tweets per label-scoring batch", gt=0)
     generation_batch_size: int = doc("instructions per generation batch", gt=0)
-    max_new_tokens: int = doc("longest generated answer to an instruction, in tokens", gt=0)
-    sentiment_max_new_tokens: int = doc("longest generated answer to a tweet, in tokens", gt=0)
+    # Decoding sets room aside for every new token up front, so the bound is a memory bound too; no base here
+    # reads past 32,768 tokens, and the eval stage checks the model's own context and memory before decoding.
+    max_new_tokens: int = doc("longest generated answer to an instruction, in tokens", gt=0, le=32768)
+    sentiment_max_new_tokens: int = doc("longest generated answer to a tweet, in tokens", gt=0, le=32768)
     max_prompt_tokens: int = doc(
         "longest prompt scored or answered, in tokens; longer ones are cut in the middle (counted in the metrics)",
         gt=8,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lorapipe.config.fields import Section, Sha256, doc
 
@@ -52,3 +52,57 @@ class ModelParams(Section):
     name: str = doc("the base model's name in reports and model cards", min_length=1)
     source: Source = doc("where the weights come from (registry, hub or local)")
     chat_template: str | None = doc("a Jinja chat template for base models that ship none; null keeps the model's own")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _renders(cls, value: str | None) -> str | None:
+        problem = chat_template_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+# A user turn, an answer and another user turn: what training and evaluation render (with the generation prompt).
+SAMPLE_CHAT = [
+    {"role": "user", "content": "Classify this tweet."},
+    {"role": "assistant", "content": "positive"},
+    {"role": "user", "content": "And this one?"},
+]
+
+
+def chat_template_problem(template: str) -> str | None:
+    """Why ``template`` would fail where the pipeline renders it, or None: it is rendered here as transformers
+    renders chat templates (Jinja's immutable sandbox, trim_blocks and lstrip_blocks, loop controls, the
+    ``generation`` tag, ``raise_exception`` and ``tojson``), so invalid Jinja or a sandbox escape is refused
+    before any stage runs."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}  # noqa: RUF012 (jinja2's class attribute)
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = lambda value, **kwargs: json.dumps(value, **kwargs)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        env.from_string(template).render(
+            messages=SAMPLE_CHAT, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+        )
+    except jinja2.TemplateSyntaxError as err:
+        return f"not valid Jinja (line {err.lineno}): {err.message}"
+    except jinja2.TemplateError as err:  # a sandbox escape (SecurityError), raise_exception, an undefined call
+        return f"does not render a user/assistant chat: {type(err).__name__}: {err}"
+    except (TypeError, ValueError, AttributeError) as err:
+        return f"does not render a user/assistant chat: {type(err).__name__}: {err}"
+    return None

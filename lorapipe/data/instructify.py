@@ -48,12 +48,16 @@ def out_of_sample_records(path: Path, prompt: PromptParams) -> list[dict]:
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict) or not str(item.get("instruction", "")).strip():
             raise PipelineError(f"{path}: item {number} has no field 'instruction'")
+        for field in ("instruction", "input", "id"):
+            if item.get(field) is not None and not isinstance(item[field], str | int | float):
+                kind = type(item[field]).__name__
+                raise PipelineError(f"{path}: item {number} field {field!r} is a {kind}, not a text")
         records.append(
             {
                 "id": str(item.get("id", number)),
-                "instruction": item["instruction"],
-                "input": item.get("input", ""),
-                "prompt": instruction_prompt(item["instruction"], item.get("input", ""), prompt),
+                "instruction": str(item["instruction"]),
+                "input": str(item.get("input") or ""),
+                "prompt": instruction_prompt(str(item["instruction"]), str(item.get("input") or ""), prompt),
             }
         )
     return records

@@ -15,7 +15,7 @@ from lorapipe.config import DataParams, InstructionsParams, MixParams, PromptPar
 from lorapipe.data.prompts import instruction_prompt, sentiment_prompt
 from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, write_json, write_jsonl
-from lorapipe.labels import read_labels
+from lorapipe.labels import label_key, read_labels
 from lorapipe.records import read_records, record
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ def listed_labels(raw: pd.Series, path: Path, data: DataParams) -> tuple[pd.Seri
     if tweets.label_map is not None:
         mapping = {str(key): value for key, value in tweets.label_map.items()}
         labels = labels.map(lambda value: mapping.get(value, value))
-    spelled = {label.casefold(): label for label in data.labels}
-    listed = labels.map(lambda value: spelled.get(" ".join(value.casefold().split())))
+    spelled = {label_key(label): label for label in data.labels}
+    listed = labels.map(lambda value: spelled.get(label_key(value)))
     listed[missing] = None
     unlisted = dict(sorted(Counter(labels[listed.isna() & ~missing]).items()))
     if missing.any():

@@ -11,6 +11,8 @@ import torch
 from lorapipe.decoding import cache_edits
 from lorapipe.decoding.prefill import State, past_window, plain_batches, prefilled_batches
 from lorapipe.decoding.prompts import fit_prompts, padding_id, stop_ids
+from lorapipe.errors import PipelineError
+from lorapipe.host import available_memory_bytes
 from lorapipe.records import Conversation
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,33 @@ def _append(answer: list[int], token: int, stops: set[int], max_new_tokens: int)
     return token not in stops and len(answer) < max_new_tokens
 
 
+def room_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
+    """The key/value cache of ``rows`` rows of ``tokens`` tokens each (what decoding sets aside)."""
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize * rows * tokens
+
+
+def check_room(model, ids: list[list[int]], batch_size: int, max_new_tokens: int, what: str) -> None:
+    """One line, before any room is set aside, when the longest prompt and ``max_new_tokens`` pass the model's
+    context or the memory free on this machine."""
+    longest = max(map(len, ids), default=0)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and longest + max_new_tokens > context:
+        raise PipelineError(
+            f"{what}: max_new_tokens {max_new_tokens}: the longest prompt ({longest} tokens) and its answer would pass "
+            f"the model's context of {context} tokens; at most {context - longest}"
+        )
+    need = room_bytes(model.config, min(batch_size, len(ids)), longest + max_new_tokens, model.dtype)
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise PipelineError(
+            f"{what}: max_new_tokens {max_new_tokens}: decoding sets aside {need / 2**30:.1f} GiB for batches of "
+            f"{min(batch_size, len(ids))} (room for every new token), and {free / 2**30:.1f} GiB is free"
+        )
+
+
 @torch.inference_mode()
 def generate_answers(
     model,
@@ -80,6 +109,7 @@ def generate_answers(
 ) -> Generated:
     """Greedy answers to each conversation, decoded without special tokens."""
     ids, cut = fit_prompts(tokenizer, conversations, max_prompt_tokens)
+    check_room(model, ids, batch_size, max_new_tokens, what)
     pad_id, stops = padding_id(tokenizer), stop_ids(model, tokenizer)
     texts: list[str] = [""] * len(ids)
     new_tokens = 0

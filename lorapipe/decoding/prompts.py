@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from lorapipe.records import Conversation
+from lorapipe.records import Conversation, render_chat
 
 log = logging.getLogger(__name__)
 
 
 def render(tokenizer, conversations: Sequence[Conversation]) -> list[str]:
     """Each conversation rendered by the chat template, ending with the assistant header."""
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    return [render_chat(tokenizer, c, add_generation_prompt=True) for c in conversations]
 
 
 def encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -89,7 +89,7 @@ def answer_ids(tokenizer, conversation: Conversation, label: str, stops: set[int
     """The tokens of ``label`` as the whole answer to ``conversation``, up to and including the end-of-turn token,
     as the chat template renders it and training tokenises it."""
     prompt = render(tokenizer, [conversation])[0]
-    full = tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": label}], tokenize=False)
+    full = render_chat(tokenizer, [*conversation, {"role": "assistant", "content": label}])
     prompt_ids, full_ids = encode(tokenizer, [prompt, full])
     tail = full_ids[len(prompt_ids) :] if full_ids[: len(prompt_ids)] == prompt_ids else []
     end = next((i for i, token in enumerate(tail) if token in stops), None)

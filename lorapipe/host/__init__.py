@@ -8,6 +8,7 @@ One module each: :mod:`~lorapipe.host.precision`, :mod:`~lorapipe.host.threads`,
 """
 
 from lorapipe.host.memory import (
+    available_memory_bytes,
     bound_onednn_cache,
     free_held_bytes,
     keep_freed_memory,
@@ -23,6 +24,7 @@ __all__ = [
     "CoreShare",
     "PrecisionChoice",
     "all_ranks_agree",
+    "available_memory_bytes",
     "bound_onednn_cache",
     "choose_precision",
     "free_held_bytes",

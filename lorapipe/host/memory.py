@@ -128,3 +128,14 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says can be had now without swapping (``MemAvailable``), or None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

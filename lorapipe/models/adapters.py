@@ -60,10 +60,14 @@ def check_base(adapter: Path, base: Path, allow_other_base: bool = False) -> Non
 
     An adapter's low-rank update only means something on the weights it was trained on; ``allow_other_base``
     uses it anyway (a re-fetched copy of the same model from elsewhere, for example). Without a card (an adapter
-    trained elsewhere) or a base manifest there is nothing to compare.
+    trained elsewhere) the base PEFT recorded is compared instead; without a base manifest there is nothing to
+    compare.
     """
     card, manifest = Path(adapter) / CARD_FACTS, Path(base) / "manifest.json"
-    if allow_other_base or not card.is_file() or not manifest.is_file():
+    if allow_other_base or not manifest.is_file():
+        return
+    if not card.is_file():
+        check_named_base(Path(adapter), Path(base), read_json(manifest))
         return
     recorded, given = _base_identity(read_json(card).get("base_model", {})), _base_identity(read_json(manifest))
     if recorded != given:
@@ -71,6 +75,23 @@ def check_base(adapter: Path, base: Path, allow_other_base: bool = False) -> Non
             f"{card}: base_model: the adapter was trained on {recorded[0]} ({describe_source(recorded[1])}), but "
             f"{base} is {given[0]} ({describe_source(given[1])}); pass --allow-other-base to use it anyway"
         )
+
+
+def check_named_base(adapter: Path, base: Path, manifest: dict) -> None:
+    """An adapter with no card (trained elsewhere): the base PEFT recorded (``base_model_name_or_path``) must be
+    this base, by its folder, its hub id or its name (the hub id's last part); else one line."""
+    config = adapter / "adapter_config.json"
+    named = (read_json(config).get("base_model_name_or_path") or "") if config.is_file() else ""
+    if not named:
+        return
+    name, source = _base_identity(manifest)
+    known = {str(base), str(base.resolve()), source.get("id"), name}
+    if named in known or named.rstrip("/").rsplit("/", 1)[-1] == name:
+        return
+    raise PipelineError(
+        f"{config}: base_model_name_or_path: the adapter names {named} as its base and has no {CARD_FACTS}, but "
+        f"{base} is {name} ({describe_source(source)}); pass --allow-other-base to use it anyway"
+    )
 
 
 def checked_scoring_base(

@@ -219,6 +219,11 @@ def require_adapter(adapter: Path) -> Path:
     """``adapter`` itself if it holds a PEFT adapter, else a clear error."""
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise PipelineError(f"{adapter}: no adapter_config.json (train it with dvc repro, or dvc pull it)")
+    if not (Path(adapter) / "adapter_model.safetensors").is_file():
+        # PEFT would fall back to adapter_model.bin, a pickle: loading one runs whatever it holds.
+        pickled = " (only a pickled adapter_model.bin, which is never loaded: save it as safetensors)"
+        shown = pickled if (Path(adapter) / "adapter_model.bin").is_file() else ""
+        raise PipelineError(f"{adapter}: no adapter_model.safetensors{shown}")
     return Path(adapter)
 
 

@@ -117,32 +117,77 @@ def check_results_committed(root: Path) -> None:
         )
 
 
+def check_registration(root: Path, artifacts: dict[str, dict[str, Any]], version: str, stage: str | None, push: bool):
+    """Everything a registration needs, checked before anything is written: the version's form (GTO's semver with
+    a leading v), the stage's name, no tag of the version already there, and with ``push`` a reachable ``origin``
+    and a default DVC remote."""
+    import re
+
+    from gto.constants import assert_name_is_valid, semver
+
+    if not re.fullmatch(f"v{semver}", version):
+        raise PipelineError(
+            f"--version {version}: not a version GTO registers (a semantic version with a leading v: v1.0.0)"
+        )
+    if stage is not None:
+        try:
+            assert_name_is_valid(stage)
+        except Exception as err:
+            raise PipelineError(f"--stage {stage}: {err}") from None
+    taken = [f"{name}@{version}" for name in artifacts if git(root, "tag", "--list", f"{name}@{version}").strip()]
+    if taken:
+        raise PipelineError(f"--version {version}: {taken[0]} is already a tag; choose a version above the last")
+    if push:
+        git(root, "ls-remote", "--exit-code", "--heads", "origin")  # one line when origin is missing or unreachable
+        if not subprocess.run(
+            ["dvc", "config", "core.remote"], cwd=root, capture_output=True, text=True, check=False
+        ).stdout.strip():
+            raise PipelineError("--push: no default DVC remote for the adapters' data (`dvc remote add -d NAME URL`)")
+
+
 def register_adapters(root: Path, version: str, stage: str | None = None, push: bool = False) -> dict[str, str]:
     """Register every model artifact of HEAD as ``version`` (and assign ``stage``); the tags made, by artifact.
 
-    First writes the artifacts' ``meta`` into ``dvc.yaml`` and commits it when it changed, so the tagged commit
-    carries it. ``push`` pushes the tags to ``origin`` and the artifacts' data to the default DVC remote.
+    Checks everything first (:func:`check_registration`), then writes the artifacts' ``meta`` into ``dvc.yaml``
+    and commits it when it changed, so the tagged commit carries it, and tags. A failure on the way undoes it all:
+    the tags made are deleted and HEAD and ``dvc.yaml`` go back to where they were. ``push`` then pushes the tags
+    to ``origin`` in one atomic push, and the artifacts' data to the default DVC remote.
     """
     from gto import api
 
     check_results_committed(root)
     artifacts = model_artifacts(root)
-    if write_meta(root, {name: artifact_meta(root, spec) for name, spec in artifacts.items()}):
-        git(root, "add", "dvc.yaml")
-        git(root, "commit", "-q", "-m", f"Artifact meta of the adapters registered as {version}")
-    tags = {}
-    for name in artifacts:
-        try:
-            api.register(root, name, "HEAD", version=version, message=f"{name} {version}", push=push)
-            tags[name] = f"{name}@{version}"
-            if stage:
-                api.assign(root, name, stage, version=version, message=f"{name} {version} to {stage}", push=push)
-        except Exception as err:  # gto's own errors: a version taken or lower than the last, a bad stage name
-            raise PipelineError(f"{name}: gto: {err}") from None
-        log.info("registered %s%s", tags[name], f" and assigned it to {stage}" if stage else "")
+    check_registration(root, artifacts, version, stage, push)
+    before = git(root, "rev-parse", "HEAD").strip()
+    made: list[str] = []
+    try:
+        if write_meta(root, {name: artifact_meta(root, spec) for name, spec in artifacts.items()}):
+            git(root, "add", "dvc.yaml")
+            git(root, "commit", "-q", "-m", f"Artifact meta of the adapters registered as {version}")
+        for name in artifacts:
+            tags_before = set(git(root, "tag", "--list", f"{name}*").split())
+            try:
+                api.register(root, name, "HEAD", version=version, message=f"{name} {version}")
+                if stage:
+                    api.assign(root, name, stage, version=version, message=f"{name} {version} to {stage}")
+            except Exception as err:  # gto's own errors: a version lower than the last, for example
+                raise PipelineError(f"{name}: gto: {err}") from None
+            finally:
+                made += sorted(set(git(root, "tag", "--list", f"{name}*").split()) - tags_before)
+            log.info("registered %s@%s%s", name, version, f" and assigned it to {stage}" if stage else "")
+        if push:
+            git(root, "push", "--atomic", "origin", *(f"refs/tags/{tag}" for tag in made))
+    except PipelineError:
+        for tag in made:
+            git(root, "tag", "-d", tag)
+        if git(root, "rev-parse", "HEAD").strip() != before:
+            git(root, "update-ref", "HEAD", before)
+            git(root, "checkout", before, "--", "dvc.yaml")
+        log.info("registration undone: HEAD at %s, no tag of %s left", before[:12], version)
+        raise
     if push:
         from dvc.repo import Repo
 
         with Repo(str(root)) as repo:
             repo.push(targets=[artifacts[name]["path"] for name in artifacts])
-    return tags
+    return {name: f"{name}@{version}" for name in artifacts}

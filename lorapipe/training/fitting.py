@@ -9,6 +9,7 @@ from typing import Any
 
 from lorapipe.config import TrainParams
 from lorapipe.errors import PipelineError
+from lorapipe.records import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,8 @@ def tokenize_records(
     them."""
     encoded = []
     for record in rows:
-        prompt = tokenizer.apply_chat_template(record["prompt"], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(record["prompt"] + record["completion"], tokenize=False)
+        prompt = render_chat(tokenizer, record["prompt"], add_generation_prompt=True)
+        full = render_chat(tokenizer, record["prompt"] + record["completion"])
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
         encoded.append((ids, len(tokenizer(prompt, add_special_tokens=False)["input_ids"])))
     return encoded
