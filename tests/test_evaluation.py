@@ -777,3 +777,31 @@ def test_bf16_inference_keeps_torch_s_own_kernels(taught_model, monkeypatch):
     model = load_for_inference(taught_model)
     assert kernels.use_faster_fp32_kernel(model, "bf16") is None
     assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_decoding_refuses_room_past_the_free_memory_or_an_answer_past_the_context(monkeypatch):
+    """The room decoding sets aside (every new token's keys and values, per row) is checked before any is taken."""
+    from types import SimpleNamespace
+
+    from lorapipe.decoding import greedy
+
+    config = SimpleNamespace(
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        hidden_size=576,
+        max_position_embeddings=8192,
+    )
+    model = SimpleNamespace(config=config, dtype=torch.float32)
+    # SmolLM2-135M's cache: 30 layers x 2 x 3 heads x 64 x 4 bytes = 46,080 bytes a token and row.
+    assert greedy.room_bytes(config, rows=50, tokens=1, dtype=torch.float32) == 50 * 46_080
+    monkeypatch.setattr(greedy, "available_memory_bytes", lambda: 2**30)
+    greedy.check_room(model, [[1] * 100], 50, 4096, "generation")  # one row: 0.2 GiB
+    with pytest.raises(
+        PipelineError,
+        match=r"generation: max_new_tokens 4096: decoding sets aside 9\.0 GiB for "
+        r"batches of 50 \(room for every new token\), and 1\.0 GiB is free",
+    ):
+        greedy.check_room(model, [[1] * 100] * 50, 50, 4096, "generation")
+    with pytest.raises(PipelineError, match="max_new_tokens 100000: longer than the model's context of 8192"):
+        greedy.check_room(model, [[1] * 100], 50, 100_000, "generation")

@@ -265,21 +265,28 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_a_failed_registration_leaves_head_and_tags_unchanged(repo):
     """A version GTO would refuse, and --push with no origin: both refused before anything is written."""
-    restore_head(repo)
+    run(["git", "reset", "-q", "--hard"], repo)
     run(["dvc", "repro"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results to register", "--allow-empty"], repo)
     head, tags = run(["git", "rev-parse", "HEAD"], repo), run(["git", "tag", "--list"], repo)
+    remotes = run(["git", "remote"], repo).split()
+    if "origin" in remotes:  # an earlier test's: --push must find none
+        run(["git", "remote", "rename", "origin", "elsewhere"], repo)
     register = [sys.executable, "-m", "lorapipe.cli.register"]
-    for args, message in (
-        (["--version", "1.0"], "--version 1.0: not a version GTO registers"),
-        (["--version", "v9.0.0", "--push"], "origin"),
-        (["--version", "v9.0.0", "--stage", "x"], "--stage x: Invalid value 'x'"),
-    ):
-        done = subprocess.run([*register, *args], cwd=repo, capture_output=True, text=True, check=False)
-        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
-        assert run(["git", "rev-parse", "HEAD"], repo) == head and run(["git", "tag", "--list"], repo) == tags
-        assert run(["git", "status", "--porcelain", "dvc.yaml"], repo) == ""
+    try:
+        for args, message in (
+            (["--version", "1.0"], "--version 1.0: not a version GTO registers"),
+            (["--version", "v9.0.0", "--push"], "'origin' does not appear to be a git repository"),
+            (["--version", "v9.0.0", "--stage", "to prod!"], "--stage to prod!: Invalid value 'to prod!'"),
+        ):
+            done = subprocess.run([*register, *args], cwd=repo, capture_output=True, text=True, check=False)
+            assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+            assert run(["git", "rev-parse", "HEAD"], repo) == head and run(["git", "tag", "--list"], repo) == tags
+            assert run(["git", "status", "--porcelain", "dvc.yaml"], repo) == ""
+    finally:
+        if "origin" in remotes:
+            run(["git", "remote", "rename", "elsewhere", "origin"], repo)
 
 
 def test_registered_versions_are_pulled_by_name_from_git_and_dvc_remotes(repo, tmp_path, monkeypatch):

@@ -78,14 +78,16 @@ def room_bytes(config, rows: int, tokens: int, dtype: torch.dtype) -> int:
 
 
 def check_room(model, ids: list[list[int]], batch_size: int, max_new_tokens: int, what: str) -> None:
-    """One line, before any room is set aside, when the longest prompt and ``max_new_tokens`` pass the model's
-    context or the memory free on this machine."""
+    """One line, before any room is set aside, when ``max_new_tokens`` passes the model's context, or the room
+    for the longest prompt and its answer passes the memory free on this machine."""
     longest = max(map(len, ids), default=0)
     context = getattr(model.config, "max_position_embeddings", None)
-    if context and longest + max_new_tokens > context:
+    # Only the answer is held to the context: prompts past it are eval.max_prompt_tokens' business (and rotary
+    # positions do run past a small model's nominal context).
+    if context and max_new_tokens > context:
         raise PipelineError(
-            f"{what}: max_new_tokens {max_new_tokens}: the longest prompt ({longest} tokens) and its answer would pass "
-            f"the model's context of {context} tokens; at most {context - longest}"
+            f"{what}: max_new_tokens {max_new_tokens}: longer than the model's context of {context} tokens "
+            f"(max_position_embeddings)"
         )
     need = room_bytes(model.config, min(batch_size, len(ids)), longest + max_new_tokens, model.dtype)
     free = available_memory_bytes()

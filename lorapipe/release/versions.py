@@ -138,7 +138,10 @@ def check_registration(root: Path, artifacts: dict[str, dict[str, Any]], version
     if taken:
         raise PipelineError(f"--version {version}: {taken[0]} is already a tag; choose a version above the last")
     if push:
-        git(root, "ls-remote", "--exit-code", "--heads", "origin")  # one line when origin is missing or unreachable
+        reach = subprocess.run(["git", "ls-remote", "--heads", "origin"], cwd=root, capture_output=True, text=True)
+        if reach.returncode != 0:
+            why = (reach.stderr.strip().splitlines() or ["no answer"])[0].removeprefix("fatal: ")
+            raise PipelineError(f"--push: the tags cannot reach the Git remote origin ({why})")
         if not subprocess.run(
             ["dvc", "config", "core.remote"], cwd=root, capture_output=True, text=True, check=False
         ).stdout.strip():
