@@ -35,6 +35,16 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(UV_INSTALL) --no-deps -e .
 	touch $@
 
+# SkyPilot launches work on rented GPUs from this machine; it pins click < 8.2 where huggingface-hub (transformers)
+# needs >= 8.4.2, so it lives in an environment of its own, as a command-line tool does (tests/test_skypilot.py
+# parses configs/skypilot/ with it).
+SKY_VENV ?= .venv-sky
+SKYPILOT_VERSION := 0.14.1
+$(SKY_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(SKY_VENV)
+	$(subst --python $(BIN)/python,--python $(SKY_VENV)/bin/python,$(UV_INSTALL)) skypilot==$(SKYPILOT_VERSION)
+	touch $@
+
 setup: $(VENV)/.installed
 
 # params.yaml is validated before DVC runs (and again by the validate stage, first in dvc.yaml, which guards
@@ -43,8 +53,8 @@ repro: setup
 	$(BIN)/python -m lorapipe.config params.yaml
 	PATH="$(abspath $(BIN)):$$PATH" dvc repro
 
-test: setup
-	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 python -m pytest
+test: setup $(SKY_VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 SKYPILOT_PYTHON="$(abspath $(SKY_VENV))/bin/python" python -m pytest
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -72,4 +82,4 @@ sweep: setup
 	set -f; PATH="$(abspath $(BIN)):$$PATH" python -m lorapipe.cli.sweep --engine "$$ENGINE" $$SWEEP
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SKY_VENV)
