@@ -29,9 +29,7 @@ NEIGHBOUR = "while True: pass"
 
 def start_neighbours(count: int) -> list[subprocess.Popen]:
     return [
-        subprocess.Popen(
-            [sys.executable, "-c", NEIGHBOUR], start_new_session=True, preexec_fn=lambda: os.nice(19)
-        )
+        subprocess.Popen([sys.executable, "-c", NEIGHBOUR], start_new_session=True, preexec_fn=lambda: os.nice(19))
         for _ in range(count)
     ]
 
@@ -123,10 +121,20 @@ def main() -> None:
         setup_logging()
         print(json.dumps(child_train(args.size) if args.child == "train" else child_score(args.size)))
         return
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    results: dict = {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "omp_wait_policy":
-                     os.environ.get("OMP_WAIT_POLICY"), "lorapipe_threads": os.environ.get("LORAPIPE_THREADS")}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    results: dict = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "lorapipe_threads": os.environ.get("LORAPIPE_THREADS"),
+    }
     counts = [int(n) for n in args.neighbours.split(",")]
     for part, size in (("train", args.steps), ("score", args.tweets)):
         rows, alone = [], None
@@ -135,9 +143,11 @@ def main() -> None:
             alone = alone or row["seconds"]
             row["ratio"] = round(row["seconds"] / alone, 2) if row.get("seconds") else f"> {args.limit}"
             rows.append(row)
-            print(f"{part}: {count} neighbour(s): {row.get('seconds') or '>' + str(row['more_than'])} s "
-                  f"({row['ratio']}x alone), threads {row.get('threads_at_start')} {row.get('thread_changes', '')}",
-                  flush=True)
+            print(
+                f"{part}: {count} neighbour(s): {row.get('seconds') or '>' + str(row['more_than'])} s "
+                f"({row['ratio']}x alone), threads {row.get('threads_at_start')} {row.get('thread_changes', '')}",
+                flush=True,
+            )
         results[part] = rows
     print(f"on {cpu}, {results['cores']} cores")
     if args.json:
