@@ -17,7 +17,7 @@ from typing import Any
 from lorapipe.cluster.experiment import ExperimentResult, ExperimentSpec, run_experiment
 from lorapipe.cluster.grid import GridPoint
 from lorapipe.cluster.sweep import run
-from lorapipe.errors import PipelineError
+from lorapipe.training.machines import connect
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,6 @@ log = logging.getLogger(__name__)
 def run_point(spec: dict[str, Any]) -> dict[str, Any]:
     """The Ray task's body (module level, so workers import it rather than unpickle code)."""
     return run_experiment(ExperimentSpec(**spec)).to_json()
-
-
-def connect(address: str) -> Any:
-    try:
-        import ray
-    except ImportError as err:
-        raise PipelineError("--engine ray needs Ray: pip install -e '.[cluster]'") from err
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise PipelineError(f"--address {address}: no Ray cluster there ({str(err).splitlines()[0]})") from err
-    return ray
 
 
 def resources(ray: Any, cpus: float | None, gpus: float | None, processes: int) -> tuple[float, float]:
@@ -58,7 +46,7 @@ def ray_sweep(
     retries: int = 2,
 ) -> list[ExperimentResult]:
     """Every point run as a Ray task; results in the order they finish (failed ones included)."""
-    ray = connect(address)
+    ray = connect(address, f"--engine ray --address {address}")
     try:
         num_cpus, num_gpus = resources(ray, cpus, gpus, processes)
         task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=retries, retry_exceptions=False)(run_point)

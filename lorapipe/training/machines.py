@@ -103,16 +103,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def connect() -> Any:
-    address = os.environ.get("RAY_ADDRESS", "auto")
+def connect(address: str, user: str) -> Any:
+    """The ``ray`` module, connected to the cluster at ``address``; one line naming ``user`` (what asked for the
+    cluster) when Ray is not installed or no cluster answers there. The sweep connects through this too."""
     try:
         import ray
     except ImportError as err:
-        raise PipelineError("train.machines > 1 needs Ray: pip install -e '.[cluster]'") from err
+        raise PipelineError(f"{user} needs Ray: pip install -e '.[cluster]'") from err
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise PipelineError(f"train.machines > 1: no Ray cluster at RAY_ADDRESS={address} (`ray start`)") from err
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise PipelineError(f"{user}: no Ray cluster at {address} (`ray start`; {why})") from err
     return ray
 
 
@@ -141,7 +143,8 @@ def relaunch_on_machines(
     already, the same as here (the base model)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    ray = connect()
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    ray = connect(address, f"train.machines {machines} (RAY_ADDRESS={address})")
     try:
         per_machine = processes // machines
         gpus = per_machine if ray.cluster_resources().get("GPU", 0) else 0
